@@ -1,0 +1,285 @@
+package testenv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// pgBinDirs are where Debian puts the PostgreSQL server binaries.
+func pgBinDirs() []string {
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	// Newest major version first.
+	for i, j := 0, len(dirs)-1; i < j; i, j = i+1, j-1 {
+		dirs[i], dirs[j] = dirs[j], dirs[i]
+	}
+	return dirs
+}
+
+// Postgres is one PostgreSQL server, a primary or a streaming replica, run
+// as the postgres system user from a data directory in the environment.
+type Postgres struct {
+	Name    string
+	Port    int
+	DataDir string
+	Replica bool
+
+	bin  string
+	cred *syscall.Credential
+	p    proc
+}
+
+// pgConf is appended to every server's postgresql.conf. fsync is off: the
+// tests kill processes, not machines, and the OS keeps what was written.
+const pgConf = `
+listen_addresses = '127.0.0.1'
+wal_level = logical
+max_wal_senders = 40
+max_replication_slots = 40
+max_connections = 200
+shared_buffers = 64MB
+fsync = off
+hot_standby = on
+hot_standby_feedback = on
+wal_retrieve_retry_interval = '200ms'
+wal_receiver_status_interval = '1s'
+wal_sender_timeout = '10s'
+wal_receiver_timeout = '10s'
+max_wal_size = '2GB'
+log_min_messages = warning
+log_line_prefix = '%m [%p] %a '
+`
+
+// StartPrimary runs initdb in dir/data and starts a primary on a free port.
+func StartPrimary(ctx context.Context, name, dir string) (*Postgres, error) {
+	pg, err := newPostgres(name, dir, false)
+	if err != nil {
+		return nil, err
+	}
+	initdb, err := lookPath("initdb", pgBinDirs()...)
+	if err != nil {
+		return nil, err
+	}
+	if err := runAs(ctx, pg.cred, initdb, "-D", pg.DataDir, "-U", "postgres", "-A", "trust",
+		"-E", "UTF8", "--locale=C", "--no-sync", "--no-instructions"); err != nil {
+		return nil, fmt.Errorf("initdb %s: %w", name, err)
+	}
+	if err := pg.writeConf(); err != nil {
+		return nil, err
+	}
+	if err := pg.Start(ctx); err != nil {
+		return nil, err
+	}
+	return pg, nil
+}
+
+// StartReplica takes a base backup of the primary reachable at
+// host:port (usually a Link in front of the primary) with its own physical
+// slot, writes standby settings with -R, and starts the replica.
+func StartReplica(ctx context.Context, name, dir, primaryAddr string) (*Postgres, error) {
+	pg, err := newPostgres(name, dir, true)
+	if err != nil {
+		return nil, err
+	}
+	bb, err := lookPath("pg_basebackup", pgBinDirs()...)
+	if err != nil {
+		return nil, err
+	}
+	host, port, ok := strings.Cut(primaryAddr, ":")
+	if !ok {
+		return nil, fmt.Errorf("replica %s: bad primary address %q", name, primaryAddr)
+	}
+	slot := "replica_" + strings.ReplaceAll(name, "-", "_")
+	if err := os.Remove(pg.DataDir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("replica %s: %w", name, err)
+	}
+	if err := runAs(ctx, pg.cred, bb, "-h", host, "-p", port, "-U", "postgres", "-D", pg.DataDir,
+		"-R", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-sync"); err != nil {
+		return nil, fmt.Errorf("pg_basebackup %s: %w", name, err)
+	}
+	if err := pg.writeConf(); err != nil {
+		return nil, err
+	}
+	if err := pg.Start(ctx); err != nil {
+		return nil, err
+	}
+	return pg, nil
+}
+
+func newPostgres(name, dir string, replica bool) (*Postgres, error) {
+	bin, err := lookPath("postgres", pgBinDirs()...)
+	if err != nil {
+		return nil, err
+	}
+	cred, uid, gid, err := userCred("postgres")
+	if err != nil {
+		return nil, err
+	}
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	data := filepath.Join(dir, "data")
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return nil, fmt.Errorf("postgres dir: %w", err)
+	}
+	for _, d := range []string{dir, data} {
+		if err := os.Chown(d, uid, gid); err != nil {
+			return nil, fmt.Errorf("postgres dir: %w", err)
+		}
+	}
+	return &Postgres{Name: name, Port: port, DataDir: data, Replica: replica, bin: bin, cred: cred}, nil
+}
+
+// writeConf appends this server's settings. A replica's file came from the
+// primary's base backup, so the later port line wins.
+func (pg *Postgres) writeConf() error {
+	f, err := os.OpenFile(filepath.Join(pg.DataDir, "postgresql.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return fmt.Errorf("postgres conf: %w", err)
+	}
+	defer f.Close()
+	_, err = fmt.Fprintf(f, "%s\nport = %d\nunix_socket_directories = '%s'\ncluster_name = '%s'\n",
+		pgConf, pg.Port, pg.DataDir, pg.Name)
+	return err
+}
+
+// LogPath is the server's log file.
+func (pg *Postgres) LogPath() string { return filepath.Join(filepath.Dir(pg.DataDir), "postgres.log") }
+
+// Addr is host:port.
+func (pg *Postgres) Addr() string { return "127.0.0.1:" + strconv.Itoa(pg.Port) }
+
+// DSN is a libpq URL for database db as the postgres superuser.
+func (pg *Postgres) DSN(db string) string {
+	if db == "" {
+		db = "postgres"
+	}
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", pg.Port, db)
+}
+
+// Start starts the server and waits until it accepts queries.
+func (pg *Postgres) Start(ctx context.Context) error {
+	_ = os.Remove(filepath.Join(pg.DataDir, "postmaster.pid")) // stale after kill -9; our process group is gone
+	if err := pg.p.start(pg.bin, []string{"-D", pg.DataDir}, pg.LogPath(), pg.cred); err != nil {
+		return fmt.Errorf("postgres %s: %w", pg.Name, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	for {
+		conn, err := pgx.Connect(ctx, pg.DSN(""))
+		if err == nil {
+			conn.Close(ctx)
+			return nil
+		}
+		if !pg.p.running() {
+			return fmt.Errorf("postgres %s exited at start (log %s): %w", pg.Name, pg.LogPath(), err)
+		}
+		select {
+		case <-ctx.Done():
+			_ = pg.Kill()
+			return fmt.Errorf("postgres %s not ready (log %s): %w", pg.Name, pg.LogPath(), err)
+		case <-time.After(25 * time.Millisecond):
+		}
+	}
+}
+
+// Kill sends SIGKILL to the postmaster and its backends, as kill -9 would.
+func (pg *Postgres) Kill() error { return pg.p.signal(syscall.SIGKILL, 5*time.Second) }
+
+// Stop is a fast shutdown (SIGINT): sessions are ended, the server exits cleanly.
+func (pg *Postgres) Stop() error { return pg.p.signal(syscall.SIGINT, 30*time.Second) }
+
+// Running reports whether the postmaster is alive.
+func (pg *Postgres) Running() bool { return pg.p.running() }
+
+// PID returns the postmaster's process id, or 0 when it is not running.
+func (pg *Postgres) PID() int { return pg.p.pid() }
+
+// Close stops the server if it runs, with an immediate shutdown.
+func (pg *Postgres) Close() error {
+	if pg.p.running() {
+		return pg.p.signal(syscall.SIGQUIT, 10*time.Second)
+	}
+	return nil
+}
+
+// Exec runs statements on database "postgres" in one short session.
+func (pg *Postgres) Exec(ctx context.Context, sql string, args ...any) error {
+	conn, err := pgx.Connect(ctx, pg.DSN(""))
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", pg.Name, err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, sql, args...); err != nil {
+		return fmt.Errorf("exec on %s: %w", pg.Name, err)
+	}
+	return nil
+}
+
+// QueryRow runs a one-row query and scans it into dst.
+func (pg *Postgres) QueryRow(ctx context.Context, sql string, dst ...any) error {
+	return pg.QueryRowArgs(ctx, sql, nil, dst...)
+}
+
+// QueryRowArgs runs a one-row query with arguments and scans it into dst.
+func (pg *Postgres) QueryRowArgs(ctx context.Context, sql string, args []any, dst ...any) error {
+	conn, err := pgx.Connect(ctx, pg.DSN(""))
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", pg.Name, err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, sql, args...).Scan(dst...); err != nil {
+		return fmt.Errorf("query on %s: %w", pg.Name, err)
+	}
+	return nil
+}
+
+// PauseReplay stops WAL replay on a replica: its data and replay LSN freeze
+// while WAL keeps arriving.
+func (pg *Postgres) PauseReplay(ctx context.Context) error {
+	return pg.Exec(ctx, "SELECT pg_wal_replay_pause()")
+}
+
+// ResumeReplay resumes WAL replay on a replica.
+func (pg *Postgres) ResumeReplay(ctx context.Context) error {
+	return pg.Exec(ctx, "SELECT pg_wal_replay_resume()")
+}
+
+// ReplayLSN is pg_last_wal_replay_lsn() on a replica, as text (e.g. "0/3000148").
+func (pg *Postgres) ReplayLSN(ctx context.Context) (string, error) {
+	var lsn string
+	err := pg.QueryRow(ctx, "SELECT pg_last_wal_replay_lsn()::text", &lsn)
+	return lsn, err
+}
+
+// CurrentLSN is pg_current_wal_lsn() on a primary, as text.
+func (pg *Postgres) CurrentLSN(ctx context.Context) (string, error) {
+	var lsn string
+	err := pg.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text", &lsn)
+	return lsn, err
+}
+
+// WaitReplayed waits until the replica has replayed at least lsn.
+func (pg *Postgres) WaitReplayed(ctx context.Context, lsn string) error {
+	for {
+		var ok bool
+		err := pg.QueryRowArgs(ctx, "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::pg_lsn, false)", []any{lsn}, &ok)
+		if err == nil && ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("replica %s: wait for replay of %s: %w (last error: %v)", pg.Name, lsn, ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
