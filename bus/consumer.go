@@ -1,0 +1,143 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+)
+
+// ConsumerConfig names one datacenter's durable consumer.
+type ConsumerConfig struct {
+	Stream string // stream name; default INVALIDATIONS
+	DC     string // the consumer is "purge-<dc>"
+	// MaxAckPending bounds the messages delivered but not yet acked: the
+	// purger's in-flight window. 0 means 4096.
+	MaxAckPending int
+	// AckWait is how long a delivered message may go without an ack or a
+	// progress signal before it is redelivered. 0 means 30s.
+	AckWait time.Duration
+}
+
+func (c *ConsumerConfig) defaults() {
+	if c.Stream == "" {
+		c.Stream = "INVALIDATIONS"
+	}
+	if c.MaxAckPending == 0 {
+		c.MaxAckPending = 4096
+	}
+	if c.AckWait == 0 {
+		c.AckWait = 30 * time.Second
+	}
+}
+
+// Durable is the consumer name of a datacenter.
+func (c ConsumerConfig) Durable() string { return "purge-" + c.DC }
+
+// Delivery is one delivered batch. The handler owns it: it must call
+// exactly one of Ack (every key applied), Nak (deliver again later) or Term
+// (never deliver again), and may call InProgress while it works.
+type Delivery struct {
+	Batch     *Batch
+	Seq       uint64 // stream sequence
+	Delivered uint64 // 1 on first delivery
+	msg       jetstream.Msg
+}
+
+// Ack acknowledges the batch and waits for the server to confirm it.
+func (d *Delivery) Ack(ctx context.Context) error { return d.msg.DoubleAck(ctx) }
+
+// Nak asks for redelivery after delay.
+func (d *Delivery) Nak(delay time.Duration) error { return d.msg.NakWithDelay(delay) }
+
+// InProgress resets the redelivery timer.
+func (d *Delivery) InProgress() error { return d.msg.InProgress() }
+
+// Consumer delivers one datacenter's batches from the stream.
+type Consumer struct {
+	js  jetstream.JetStream
+	cfg ConsumerConfig
+	log *zap.Logger
+	// BadMessages counts messages that could not be decoded (terminated).
+	onBad func(error)
+}
+
+// NewConsumer returns a consumer; Run creates the durable when missing.
+// onBad is called for every undecodable message, which is terminated.
+func NewConsumer(js jetstream.JetStream, cfg ConsumerConfig, log *zap.Logger, onBad func(error)) (*Consumer, error) {
+	cfg.defaults()
+	if cfg.DC == "" {
+		return nil, errors.New("bus: consumer dc is empty")
+	}
+	if onBad == nil {
+		onBad = func(error) {}
+	}
+	return &Consumer{js: js, cfg: cfg, log: log, onBad: onBad}, nil
+}
+
+// Run delivers batches to handle, one call at a time; handle may hand the
+// Delivery to another goroutine and return, and blocks to apply
+// backpressure. Run waits for the stream and the durable (retrying while
+// NATS or the stream is unavailable) and returns nil when ctx ends.
+func (c *Consumer) Run(ctx context.Context, handle func(*Delivery)) error {
+	for attempt := 0; ; attempt++ {
+		err := c.consume(ctx, handle)
+		if ctx.Err() != nil {
+			return nil
+		}
+		d := backoff(attempt)
+		c.log.Warn("consumer interrupted; retrying", zap.String("durable", c.cfg.Durable()), zap.Error(err), zap.Duration("retry_in", d))
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	cons, err := c.js.CreateOrUpdateConsumer(cctx, c.cfg.Stream, jetstream.ConsumerConfig{
+		Durable:       c.cfg.Durable(),
+		Description:   "pgcache purge for " + c.cfg.DC,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       c.cfg.AckWait,
+		MaxAckPending: c.cfg.MaxAckPending,
+		MaxDeliver:    -1,
+	})
+	cancel()
+	if err != nil {
+		return fmt.Errorf("create consumer %s on %s: %w", c.cfg.Durable(), c.cfg.Stream, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(256), jetstream.PullExpiry(5*time.Second))
+	if err != nil {
+		return fmt.Errorf("consume %s: %w", c.cfg.Durable(), err)
+	}
+	stop := context.AfterFunc(ctx, it.Stop)
+	defer stop()
+	defer it.Stop()
+	for {
+		m, err := it.Next()
+		if err != nil {
+			return fmt.Errorf("next message: %w", err)
+		}
+		meta, err := m.Metadata()
+		if err != nil {
+			c.onBad(err)
+			_ = m.Term()
+			continue
+		}
+		b, err := Decode(m.Data())
+		if err != nil {
+			c.log.Error("undecodable invalidation batch terminated", zap.Uint64("seq", meta.Sequence.Stream), zap.Error(err))
+			c.onBad(err)
+			_ = m.TermWithReason(err.Error())
+			continue
+		}
+		handle(&Delivery{Batch: b, Seq: meta.Sequence.Stream, Delivered: meta.NumDelivered, msg: m})
+	}
+}

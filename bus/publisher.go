@@ -1,0 +1,454 @@
+package bus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
+)
+
+// ErrClosed is returned by a Publisher used after Close.
+var ErrClosed = errors.New("bus: publisher closed")
+
+// StreamConfig says which stream carries invalidations and how it is kept.
+type StreamConfig struct {
+	Name    string // stream name; default INVALIDATIONS
+	Subject string // the stream's subject; default "pgcache.invalidations"
+	// Placement is the NATS cluster (datacenter) the stream is created in
+	// when missing; empty lets NATS choose.
+	Placement string
+	Replicas  int           // stream replicas within its cluster; 0 means 1
+	MaxAge    time.Duration // how long messages are kept; 0 means 72h
+	// Duplicates is the window in which a republished batch (same MsgID)
+	// is stored once; 0 means 2m.
+	Duplicates time.Duration
+}
+
+func (c *StreamConfig) defaults() {
+	if c.Name == "" {
+		c.Name = "INVALIDATIONS"
+	}
+	if c.Subject == "" {
+		c.Subject = "pgcache.invalidations"
+	}
+	if c.Replicas == 0 {
+		c.Replicas = 1
+	}
+	if c.MaxAge == 0 {
+		c.MaxAge = 72 * time.Hour
+	}
+	if c.Duplicates == 0 {
+		c.Duplicates = 2 * time.Minute
+	}
+}
+
+// EnsureStream creates the stream if it is missing and returns it. An
+// existing stream is used as it is.
+func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) (jetstream.Stream, error) {
+	cfg.defaults()
+	s, err := js.Stream(ctx, cfg.Name)
+	if err == nil {
+		return s, nil
+	}
+	if !errors.Is(err, jetstream.ErrStreamNotFound) {
+		return nil, fmt.Errorf("look up stream %s: %w", cfg.Name, err)
+	}
+	sc := jetstream.StreamConfig{
+		Name:        cfg.Name,
+		Description: "pgcache invalidation batches (format: bus.Batch)",
+		Subjects:    []string{cfg.Subject},
+		Retention:   jetstream.LimitsPolicy,
+		Storage:     jetstream.FileStorage,
+		Replicas:    cfg.Replicas,
+		MaxAge:      cfg.MaxAge,
+		Duplicates:  cfg.Duplicates,
+	}
+	if cfg.Placement != "" {
+		sc.Placement = &jetstream.Placement{Cluster: cfg.Placement}
+	}
+	s, err = js.CreateStream(ctx, sc)
+	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return js.Stream(ctx, cfg.Name)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create stream %s: %w", cfg.Name, err)
+	}
+	return s, nil
+}
+
+// PublisherConfig tunes batching and flow control.
+type PublisherConfig struct {
+	Stream StreamConfig
+	Origin string // this datacenter's name, written in every batch
+	// MaxBatchKeys flushes a batch when it holds this many distinct keys;
+	// a larger transaction is split into parts. 0 means 1000.
+	MaxBatchKeys int
+	// Linger is how long a batch of whole transactions may wait for more
+	// before it is published. 0 means 1ms.
+	Linger time.Duration
+	// MaxInFlight bounds the batches published but not yet acked; the
+	// caller blocks beyond it. 0 means 256.
+	MaxInFlight int
+	// AckTimeout is how long one publish waits for its ack before it is
+	// sent again (with the same MsgID). 0 means 5s.
+	AckTimeout time.Duration
+}
+
+// DefaultPublisherConfig returns the defaults.
+func DefaultPublisherConfig() PublisherConfig {
+	c := PublisherConfig{MaxBatchKeys: 1000, Linger: time.Millisecond, MaxInFlight: 256, AckTimeout: 5 * time.Second}
+	c.Stream.defaults()
+	return c
+}
+
+// Validate checks the configuration.
+func (c PublisherConfig) Validate() error {
+	if c.Origin == "" {
+		return errors.New("bus: publisher origin (dc) is empty")
+	}
+	if c.MaxBatchKeys < 1 || c.MaxInFlight < 1 || c.Linger < 0 || c.AckTimeout <= 0 {
+		return fmt.Errorf("bus: bad publisher limits (max_batch_keys %d, max_in_flight %d, linger %s, ack_timeout %s)",
+			c.MaxBatchKeys, c.MaxInFlight, c.Linger, c.AckTimeout)
+	}
+	return nil
+}
+
+// PublisherStats are counters for metrics.
+type PublisherStats struct {
+	Batches, Keys, Retries uint64
+	InFlight               int
+	DurableLSN             uint64
+}
+
+// pending is one published batch waiting for its ack, or a position to
+// report once everything before it is acked.
+type pending struct {
+	fut     jetstream.PubAckFuture // nil for a position-only entry
+	msg     *nats.Msg
+	confirm uint64 // report this LSN once acked (0: none)
+	keys    int
+}
+
+// Publisher groups transactions' keys into batches and publishes them
+// asynchronously. Its lifecycle: NewPublisher, then Run in a goroutine
+// (it awaits acks in order and calls onDurable), then Add/EndTx from one
+// producer goroutine, then Drain (soft stop) or cancel Run's ctx (hard stop).
+//
+// onDurable(lsn) is called, in increasing order, once every batch holding
+// keys of transactions ending at or before lsn is acked by JetStream.
+type Publisher struct {
+	js        jetstream.JetStream
+	cfg       PublisherConfig
+	log       *zap.Logger
+	onDurable func(lsn uint64)
+	queue     chan pending
+	done      chan struct{} // closed when Run has handled the closed queue
+
+	mu       sync.Mutex // guards cur, seen, started, confirm, part, inTx, txCommit, txTime, closed
+	cur      Batch
+	seen     map[string]struct{}
+	started  time.Time // when cur got its first transaction
+	confirm  uint64    // end LSN of the last whole transaction in cur
+	part     int       // parts already published of the open transaction
+	inTx     bool
+	txCommit uint64
+	txTime   time.Time
+	closed   bool
+
+	statsMu sync.Mutex // guards stats
+	stats   PublisherStats
+}
+
+// NewPublisher validates cfg and returns a publisher on js.
+func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger, onDurable func(lsn uint64)) (*Publisher, error) {
+	cfg.Stream.defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if onDurable == nil {
+		onDurable = func(uint64) {}
+	}
+	return &Publisher{
+		js: js, cfg: cfg, log: log, onDurable: onDurable,
+		queue: make(chan pending, cfg.MaxInFlight),
+		done:  make(chan struct{}),
+		seen:  make(map[string]struct{}, cfg.MaxBatchKeys),
+	}, nil
+}
+
+// BeginTx opens a transaction with its commit LSN and time.
+func (p *Publisher) BeginTx(commitLSN uint64, commitTime time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.inTx, p.txCommit, p.txTime, p.part = true, commitLSN, commitTime, 0
+}
+
+// Add adds keys of the open transaction. When the batch is full it is
+// published as a part, which blocks while MaxInFlight batches are unacked.
+func (p *Publisher) Add(ctx context.Context, keys ...string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	for _, k := range keys {
+		if _, dup := p.seen[k]; dup {
+			continue
+		}
+		if len(p.cur.Keys) == 0 && p.cur.Txs == 0 {
+			p.started = time.Now()
+		}
+		p.seen[k] = struct{}{}
+		p.cur.Keys = append(p.cur.Keys, k)
+		p.noteTx()
+		if len(p.cur.Keys) >= p.cfg.MaxBatchKeys {
+			if err := p.flushLocked(ctx, false); err != nil {
+				return err
+			}
+			p.part++
+		}
+	}
+	return nil
+}
+
+// noteTx records the open transaction's position in the current batch.
+func (p *Publisher) noteTx() {
+	if p.txCommit > p.cur.CommitLSN {
+		p.cur.CommitLSN = p.txCommit
+	}
+	if p.cur.CommitTime.IsZero() || p.txTime.Before(p.cur.CommitTime) {
+		p.cur.CommitTime = p.txTime
+	}
+}
+
+// EndTx closes the open transaction, whose commit record ends at endLSN.
+// A transaction without keys still moves the reported position.
+func (p *Publisher) EndTx(ctx context.Context, endLSN uint64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	if p.cur.Txs == 0 && len(p.cur.Keys) == 0 {
+		p.started = time.Now()
+	}
+	p.noteTx()
+	p.cur.Txs++
+	p.cur.EndLSN = endLSN
+	p.confirm = endLSN
+	p.inTx = false
+	if len(p.cur.Keys) >= p.cfg.MaxBatchKeys || p.part > 0 {
+		return p.flushLocked(ctx, true)
+	}
+	return nil
+}
+
+// Flush publishes the current batch of whole transactions now.
+func (p *Publisher) Flush(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.flushIdle(ctx, 0)
+}
+
+// flushIdle publishes the batch if it holds whole transactions only and is
+// older than age.
+func (p *Publisher) flushIdle(ctx context.Context, age time.Duration) error {
+	if p.inTx || (p.cur.Txs == 0 && len(p.cur.Keys) == 0) || time.Since(p.started) < age {
+		return nil
+	}
+	return p.flushLocked(ctx, true)
+}
+
+// flushLocked publishes cur (final: it ends at a transaction boundary) and
+// queues it for the ack tracker.
+func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
+	b := p.cur
+	b.Origin = p.cfg.Origin
+	b.Final = final
+	b.Part = p.part
+	if !final {
+		b.EndLSN = 0
+	}
+	confirm := p.confirm
+	p.cur = Batch{}
+	p.confirm = 0
+	clear(p.seen)
+	if p.inTx {
+		// The open transaction continues in the next batch.
+		p.noteTx()
+	}
+	item := pending{confirm: confirm, keys: len(b.Keys)}
+	if len(b.Keys) > 0 {
+		data, err := b.Encode()
+		if err != nil {
+			return fmt.Errorf("encode batch: %w", err)
+		}
+		msg := nats.NewMsg(p.cfg.Stream.Subject)
+		msg.Data = data
+		msg.Header.Set(jetstream.MsgIDHeader, b.MsgID())
+		item.msg = msg
+		fut, err := p.js.PublishMsgAsync(msg)
+		if err != nil {
+			// Sent again by the tracker; the position waits for it.
+			p.log.Warn("publish failed; will retry", zap.Error(err))
+		}
+		item.fut = fut
+		p.statsMu.Lock()
+		p.stats.Batches++
+		p.stats.Keys += uint64(len(b.Keys))
+		p.statsMu.Unlock()
+	}
+	select {
+	case p.queue <- item:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Run awaits acks in publish order, republishes what failed, reports
+// durable positions, and publishes lingering batches. It returns when ctx
+// ends or after Drain.
+func (p *Publisher) Run(ctx context.Context) error {
+	lctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		p.linger(lctx)
+	}()
+	defer func() {
+		cancel()
+		wg.Wait()
+	}()
+	// The tracker never takes p.mu: a producer blocked on a full queue
+	// holds it.
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case it, ok := <-p.queue:
+			if !ok {
+				close(p.done)
+				return nil
+			}
+			if err := p.await(ctx, it); err != nil {
+				return nil // ctx ended
+			}
+		}
+	}
+}
+
+// linger publishes a batch of whole transactions once it is Linger old.
+func (p *Publisher) linger(ctx context.Context) {
+	tick := p.cfg.Linger / 2
+	if tick <= 0 {
+		tick = 500 * time.Microsecond
+	}
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		p.mu.Lock()
+		if !p.closed {
+			_ = p.flushIdle(ctx, p.cfg.Linger) // fails only when ctx ends
+		}
+		p.mu.Unlock()
+	}
+}
+
+// await waits for one item's ack, republishing until JetStream stores it.
+func (p *Publisher) await(ctx context.Context, it pending) error {
+	if it.msg != nil {
+		ok := false
+		if it.fut != nil {
+			select {
+			case <-it.fut.Ok():
+				ok = true
+			case err := <-it.fut.Err():
+				p.log.Warn("publish not acked; retrying", zap.Error(err))
+			case <-time.After(p.cfg.AckTimeout):
+				p.log.Warn("publish ack timed out; retrying", zap.Duration("timeout", p.cfg.AckTimeout))
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		for attempt := 0; !ok; attempt++ {
+			p.statsMu.Lock()
+			p.stats.Retries++
+			p.statsMu.Unlock()
+			actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+			_, err := p.js.PublishMsg(actx, it.msg)
+			cancel()
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			d := backoff(attempt)
+			p.log.Warn("republish failed", zap.Error(err), zap.Duration("retry_in", d))
+			select {
+			case <-time.After(d):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	if it.confirm > 0 {
+		p.statsMu.Lock()
+		p.stats.DurableLSN = it.confirm
+		p.statsMu.Unlock()
+		p.onDurable(it.confirm)
+	}
+	return nil
+}
+
+// Drain publishes what is buffered and waits until every batch is acked
+// and reported. Add and EndTx fail afterwards. Run returns after Drain.
+func (p *Publisher) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	err := p.flushIdle(ctx, 0)
+	p.closed = true
+	close(p.queue)
+	p.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("drain publisher: %w", ctx.Err())
+	}
+}
+
+// Stats returns counters for metrics.
+func (p *Publisher) Stats() PublisherStats {
+	p.statsMu.Lock()
+	defer p.statsMu.Unlock()
+	s := p.stats
+	s.InFlight = len(p.queue)
+	return s
+}
+
+// backoff is exponential from 50ms to 5s with full jitter.
+func backoff(attempt int) time.Duration {
+	d := 50 * time.Millisecond << min(attempt, 7)
+	d = min(d, 5*time.Second)
+	return d/2 + rand.N(d/2+1)
+}
