@@ -85,3 +85,10 @@ func (m *Memcached) Close() error {
 	}
 	return nil
 }
+
+// Pause freezes the server with SIGSTOP: connections stay open and
+// requests hang, as with a hung or partitioned server; its data is kept.
+func (m *Memcached) Pause() error { return m.p.sendOnly(syscall.SIGSTOP) }
+
+// Resume continues a paused server with SIGCONT.
+func (m *Memcached) Resume() error { return m.p.sendOnly(syscall.SIGCONT) }

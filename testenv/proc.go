@@ -189,3 +189,13 @@ func waitTCP(ctx context.Context, addr string, alive func() bool) error {
 		}
 	}
 }
+
+// sendOnly sends sig to the process group without waiting.
+func (p *proc) sendOnly(sig syscall.Signal) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cmd == nil {
+		return ErrNotRunning
+	}
+	return syscall.Kill(-p.cmd.Process.Pid, sig)
+}

@@ -1,0 +1,78 @@
+// Package mcpool is one datacenter's memcached pool: it places keys on
+// servers with a hash ring (ketama as in libmemcached and twemproxy, or
+// gomemcache's crc32 modula) and talks memcached's meta protocol over
+// pipelined connections, with a circuit breaker per server. It knows
+// nothing of leases, invalidation rules or the WAL: callers (purge, lease)
+// decide what to send and what a response means to them.
+//
+// # Placement
+//
+// A [Ring] maps a key to the index of a server in the configured list.
+// Hash "ketama" places keys exactly as twemproxy 0.5.0 (nutcracker) with
+//
+//	distribution: ketama
+//	hash: md5
+//
+// which is also libmemcached's MEMCACHED_BEHAVIOR_KETAMA_WEIGHTED placement
+// (MD5 of the key, 160 points per server scaled by weight, 4 points per MD5
+// digest of "name-N"). Server specs follow nutcracker's syntax,
+// "host:port[:weight][ name]": the points are built from the name when one
+// is given, else from "host:port". Hash "modula" is gomemcache's
+// ServerList: crc32.ChecksumIEEE(key) % n. [NewSelector] wraps a Ring as a
+// gomemcache ServerSelector so gomemcache readers agree with this package.
+//
+// # Connections
+//
+// A [Conn] is one TCP connection to one server with many requests in
+// flight: a writer goroutine batches requests into few writes and a reader
+// goroutine matches responses to requests in order (memcached answers in
+// order on a connection). A request with the q flag is followed by "mn" so
+// that a suppressed response cannot desynchronise the pipeline. Responses
+// are parsed into [Response] by a parser that never panics (fuzzed).
+//
+// # Pool
+//
+// A [Pool] holds Config.ConnsPerServer connections per server, reconnects
+// with backoff, and keeps a breaker per server (closed, open, half-open).
+// A dead server costs only its own keys a fast error ([ErrServerDown] or
+// [ErrBreakerOpen]); other servers are unaffected. Every request has a
+// deadline: the ctx's if it has one, else Config.Timeout. Errors are
+// classified with [Retryable]. Metrics are left to callers: see
+// [Pool.Stats] and Config.OnBreakerChange.
+//
+// API summary (see each declaration for details):
+//
+//	// placement
+//	func NewRing(hash string, servers []string) (*Ring, error) // HashKetama | HashModula
+//	func (r *Ring) Pick(key string) int
+//	func (r *Ring) Len() int
+//	func (r *Ring) Server(i int) Server
+//	func ParseServer(spec string) (Server, error)
+//	func NewSelector(r *Ring) (*Selector, error) // a memcache.ServerSelector
+//
+//	// one connection
+//	func Dial(ctx context.Context, addr string, cfg ConnConfig) (*Conn, error)
+//	func (c *Conn) MetaGet(ctx context.Context, key string, flags ...string) (Response, error)
+//	func (c *Conn) MetaSet(ctx context.Context, key string, value []byte, opt SetOptions) (Response, error)
+//	func (c *Conn) MetaDelete(ctx context.Context, key string, opt DeleteOptions) (Response, error)
+//	func (c *Conn) MetaArithmetic(ctx context.Context, key string, opt ArithmeticOptions) (Response, error)
+//	func (c *Conn) NoOp(ctx context.Context) error
+//	func (c *Conn) Do(ctx context.Context, request, value []byte) (Response, error)
+//	func (c *Conn) Close() error
+//
+//	// the pool: the same request methods, routed by key, plus
+//	func New(cfg Config, log *zap.Logger) (*Pool, error)
+//	func (p *Pool) Delete(ctx context.Context, key string) error                       // NF is success
+//	func (p *Pool) MarkStale(ctx context.Context, key string, ttl time.Duration) error // md <key> I T<ttl>
+//	func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error
+//	func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error
+//	func (p *Pool) NoOp(ctx context.Context, server int) error
+//	func (p *Pool) Stats() []ServerStats
+//	func (p *Pool) BreakerState(server int) BreakerState
+//	func (p *Pool) Close() error
+//
+//	func Retryable(err error) bool
+//
+// Memcached applies mg flags in the order given: "N30 t" reports the TTL
+// of the item N creates, "t N30" reports -1.
+package mcpool

@@ -1,0 +1,555 @@
+package mcpool
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Config configures a Pool.
+type Config struct {
+	// Servers are the server specs, "host:port[:weight][ name]" (see
+	// ParseServer). Order matters for modula; for ketama the names do.
+	Servers []string
+	// Hash is HashKetama or HashModula.
+	Hash string
+	// ConnsPerServer is the number of pipelined connections per server.
+	ConnsPerServer int
+	// Timeout is the deadline of a request whose ctx has none. A ctx
+	// deadline always wins, longer or shorter.
+	Timeout time.Duration
+	// DialTimeout bounds one connection attempt.
+	DialTimeout time.Duration
+	// ReconnectMin and ReconnectMax bound the backoff between failed
+	// connection attempts to a server: it starts at ReconnectMin, doubles
+	// up to ReconnectMax, with jitter, and resets on success.
+	ReconnectMin time.Duration
+	ReconnectMax time.Duration
+	// MaxInFlight bounds the requests in flight on one connection (see
+	// ConnConfig).
+	MaxInFlight int
+	// IOTimeout is the liveness timeout of a connection (see ConnConfig).
+	IOTimeout time.Duration
+	// MaxValueSize is the largest value in bytes (see ConnConfig).
+	MaxValueSize int
+	// Breaker configures each server's circuit breaker.
+	Breaker BreakerConfig
+	// OnBreakerChange, if set, is called on every breaker transition, in
+	// order, for export as metrics. It must not block or make requests on
+	// the Pool; it may call Stats and BreakerState.
+	OnBreakerChange func(server int, addr string, from, to BreakerState)
+}
+
+// DefaultConfig returns a Config with every field but Servers set:
+// ketama, 2 connections per server, Timeout 1s, DialTimeout 1s, reconnect
+// backoff 50ms to 5s, the DefaultConnConfig limits, and a breaker that
+// opens after 5 consecutive failures for 1s.
+func DefaultConfig() Config {
+	cc := DefaultConnConfig()
+	return Config{
+		Hash:           HashKetama,
+		ConnsPerServer: 2,
+		Timeout:        time.Second,
+		DialTimeout:    time.Second,
+		ReconnectMin:   50 * time.Millisecond,
+		ReconnectMax:   5 * time.Second,
+		MaxInFlight:    cc.MaxInFlight,
+		IOTimeout:      cc.IOTimeout,
+		MaxValueSize:   cc.MaxValueSize,
+		Breaker:        BreakerConfig{Failures: 5, OpenFor: time.Second},
+	}
+}
+
+// Validate checks the fields and their relations, and parses the servers.
+func (c Config) Validate() error {
+	if len(c.Servers) == 0 {
+		return fmt.Errorf("%w: no servers", ErrConfig)
+	}
+	if _, err := NewRing(c.Hash, c.Servers); err != nil {
+		return err
+	}
+	seen := make(map[string]bool, len(c.Servers))
+	for _, spec := range c.Servers {
+		s, _ := ParseServer(spec)
+		if seen[s.Addr] {
+			return fmt.Errorf("%w: server %s listed twice", ErrConfig, s.Addr)
+		}
+		seen[s.Addr] = true
+	}
+	switch {
+	case c.ConnsPerServer < 1:
+		return fmt.Errorf("%w: ConnsPerServer (%d) must be at least 1", ErrConfig, c.ConnsPerServer)
+	case c.Timeout <= 0:
+		return fmt.Errorf("%w: Timeout (%s) must be positive", ErrConfig, c.Timeout)
+	case c.DialTimeout <= 0:
+		return fmt.Errorf("%w: DialTimeout (%s) must be positive", ErrConfig, c.DialTimeout)
+	case c.ReconnectMin <= 0:
+		return fmt.Errorf("%w: ReconnectMin (%s) must be positive", ErrConfig, c.ReconnectMin)
+	case c.ReconnectMax < c.ReconnectMin:
+		return fmt.Errorf("%w: ReconnectMax (%s) cannot be less than ReconnectMin (%s)", ErrConfig, c.ReconnectMax, c.ReconnectMin)
+	case c.Breaker.Failures < 1:
+		return fmt.Errorf("%w: Breaker.Failures (%d) must be at least 1", ErrConfig, c.Breaker.Failures)
+	case c.Breaker.OpenFor <= 0:
+		return fmt.Errorf("%w: Breaker.OpenFor (%s) must be positive", ErrConfig, c.Breaker.OpenFor)
+	}
+	return c.connConfig().Validate()
+}
+
+func (c Config) connConfig() ConnConfig {
+	return ConnConfig{MaxInFlight: c.MaxInFlight, IOTimeout: c.IOTimeout, MaxValueSize: c.MaxValueSize}
+}
+
+// ServerStats are one server's figures, for metrics. Counters only grow.
+type ServerStats struct {
+	Addr     string
+	State    BreakerState
+	Conns    int    // connections up
+	InFlight int    // requests queued or awaiting a response
+	Requests uint64 // requests sent
+	Failures uint64 // requests that failed: down, timeout, protocol error
+	Rejected uint64 // requests failed fast by an open breaker
+	Opens    uint64 // times the breaker opened
+	Dials    uint64 // successful connection attempts
+	DialErrs uint64 // failed connection attempts
+}
+
+// Pool is one datacenter's memcached pool. Its methods are safe for
+// concurrent use. New starts a connection manager per connection; Close
+// stops them and waits.
+type Pool struct {
+	cfg     Config
+	connCfg ConnConfig
+	log     *zap.Logger
+	ring    *Ring
+	servers []*server
+
+	closing   chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+}
+
+type server struct {
+	idx   int
+	addr  string
+	br    *breaker
+	slots []*connSlot
+	rr    atomic.Uint32
+
+	requests, failures, rejected, opens, dials, dialErrs atomic.Uint64
+}
+
+type connSlot struct {
+	conn     atomic.Pointer[Conn]
+	firstTry chan struct{} // closed after the first connection attempt
+}
+
+// New validates cfg, builds the ring and starts connecting in the
+// background: it does not wait for servers, and a server that is down
+// only fails its own keys. log may be nil (zap.NewNop); it gets breaker
+// transitions only.
+func New(cfg Config, log *zap.Logger) (*Pool, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	ring, err := NewRing(cfg.Hash, cfg.Servers)
+	if err != nil {
+		return nil, err
+	}
+	p := &Pool{
+		cfg:     cfg,
+		connCfg: cfg.connConfig(),
+		log:     log,
+		ring:    ring,
+		closing: make(chan struct{}),
+	}
+	for i := 0; i < ring.Len(); i++ {
+		s := &server{idx: i, addr: ring.Server(i).Addr}
+		s.br = newBreaker(cfg.Breaker, p.breakerNotify(s))
+		for j := 0; j < cfg.ConnsPerServer; j++ {
+			slot := &connSlot{firstTry: make(chan struct{})}
+			s.slots = append(s.slots, slot)
+			p.wg.Add(1)
+			go p.manage(s, slot)
+		}
+		p.servers = append(p.servers, s)
+	}
+	return p, nil
+}
+
+func (p *Pool) breakerNotify(s *server) func(from, to BreakerState, fails int, cause error) {
+	return func(from, to BreakerState, fails int, cause error) {
+		switch to {
+		case BreakerOpen:
+			s.opens.Add(1)
+			if from == BreakerClosed {
+				p.log.Warn("breaker open", zap.Int("server", s.idx), zap.String("addr", s.addr),
+					zap.Int("failures", fails), zap.Duration("open_for", p.cfg.Breaker.OpenFor), zap.Error(cause))
+			} else {
+				p.log.Debug("breaker probe failed", zap.Int("server", s.idx), zap.String("addr", s.addr), zap.Error(cause))
+			}
+		case BreakerClosed:
+			p.log.Info("breaker closed", zap.Int("server", s.idx), zap.String("addr", s.addr))
+		case BreakerHalfOpen:
+			p.log.Debug("breaker half-open", zap.Int("server", s.idx), zap.String("addr", s.addr))
+		}
+		if p.cfg.OnBreakerChange != nil {
+			p.cfg.OnBreakerChange(s.idx, s.addr, from, to)
+		}
+	}
+}
+
+// manage keeps one connection of s up until the pool closes.
+func (p *Pool) manage(s *server, slot *connSlot) {
+	defer p.wg.Done()
+	// ctx cancels a dial in progress when the pool closes.
+	ctx, cancel := context.WithCancel(context.Background())
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		select {
+		case <-p.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	defer func() {
+		cancel()
+		watch.Wait()
+	}()
+	backoff := p.cfg.ReconnectMin
+	first := true
+	pause := func() bool { // false when the pool closes
+		// Jitter between half and all of the backoff.
+		d := backoff/2 + rand.N(backoff/2+1)
+		backoff = min(2*backoff, p.cfg.ReconnectMax)
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-p.closing:
+			return false
+		}
+	}
+	for {
+		dctx, dcancel := context.WithTimeout(ctx, p.cfg.DialTimeout)
+		c, err := Dial(dctx, s.addr, p.connCfg)
+		dcancel()
+		if err == nil {
+			s.dials.Add(1)
+			slot.conn.Store(c)
+		} else {
+			s.dialErrs.Add(1)
+		}
+		if first {
+			close(slot.firstTry)
+			first = false
+		}
+		if err != nil {
+			if !pause() {
+				return
+			}
+			continue
+		}
+		connected := time.Now()
+		select {
+		case <-c.Done():
+			slot.conn.CompareAndSwap(c, nil)
+			_ = c.Close()
+			p.log.Debug("connection lost", zap.String("addr", s.addr), zap.Error(c.Err()))
+		case <-p.closing:
+			slot.conn.CompareAndSwap(c, nil)
+			_ = c.Close()
+			return
+		}
+		// A connection that lived long redials at once; one that broke
+		// soon after it was made (a server refusing clients) backs off.
+		if time.Since(connected) > p.cfg.ReconnectMax {
+			backoff = p.cfg.ReconnectMin
+		} else if !pause() {
+			return
+		}
+	}
+}
+
+// conn returns a working connection to s, or an ErrServerDown error.
+func (s *server) conn(ctx context.Context, expired <-chan time.Time) (*Conn, error) {
+	n := uint32(len(s.slots))
+	start := s.rr.Add(1)
+	for i := uint32(0); i < n; i++ {
+		if c := s.slots[(start+i)%n].conn.Load(); c != nil && c.Err() == nil {
+			return c, nil
+		}
+	}
+	// Right after New the first dials may still be under way.
+	slot := s.slots[start%n]
+	select {
+	case <-slot.firstTry:
+	default:
+		select {
+		case <-slot.firstTry:
+			if c := slot.conn.Load(); c != nil && c.Err() == nil {
+				return c, nil
+			}
+		case <-ctx.Done():
+			return nil, ctxError(ctx)
+		case <-expired:
+			return nil, errDefaultTimeout
+		}
+	}
+	return nil, fmt.Errorf("%w: %s: not connected", ErrServerDown, s.addr)
+}
+
+var timerPool sync.Pool
+
+// deadline returns a timer for Config.Timeout when ctx has no deadline,
+// nil when it has one. A timer, cheaper than a context, goes back with
+// putTimer.
+func (p *Pool) deadline(ctx context.Context) *time.Timer {
+	if _, ok := ctx.Deadline(); ok {
+		return nil
+	}
+	if t, _ := timerPool.Get().(*time.Timer); t != nil {
+		t.Reset(p.cfg.Timeout)
+		return t
+	}
+	return time.NewTimer(p.cfg.Timeout)
+}
+
+func putTimer(t *time.Timer) {
+	if t != nil {
+		t.Stop() // since Go 1.23 no stale tick survives Stop and Reset
+		timerPool.Put(t)
+	}
+}
+
+func timerC(t *time.Timer) <-chan time.Time {
+	if t == nil {
+		return nil
+	}
+	return t.C
+}
+
+// begin admits a request to server idx and starts it. On success the
+// caller must call finish with the request's outcome.
+func (p *Pool) begin(ctx context.Context, expired <-chan time.Time, s *server, r *request) (c *Conn, probe bool, err error) {
+	select {
+	case <-p.closing:
+		return nil, false, ErrClosed
+	default:
+	}
+	if r.err != nil {
+		return nil, false, r.err
+	}
+	probe, ok := s.br.allow()
+	if !ok {
+		s.rejected.Add(1)
+		return nil, false, fmt.Errorf("%w: %s", ErrBreakerOpen, s.addr)
+	}
+	c, err = s.conn(ctx, expired)
+	if err == nil {
+		err = c.start(ctx, expired, r)
+	}
+	if err != nil {
+		p.finish(s, probe, err)
+		return nil, false, err
+	}
+	return c, probe, nil
+}
+
+func (p *Pool) finish(s *server, probe bool, err error) {
+	o := classify(err)
+	if o != outcomeNeutral {
+		s.requests.Add(1)
+	}
+	if o == outcomeFailure {
+		s.failures.Add(1)
+	}
+	s.br.record(probe, o, err)
+}
+
+func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) {
+	t := p.deadline(ctx)
+	defer putTimer(t)
+	s := p.servers[idx]
+	c, probe, err := p.begin(ctx, timerC(t), s, r)
+	if err != nil {
+		return Response{}, err
+	}
+	resp, err := c.wait(ctx, timerC(t), r)
+	p.finish(s, probe, err)
+	return resp, err
+}
+
+// Ring returns the pool's ring.
+func (p *Pool) Ring() *Ring { return p.ring }
+
+// Pick returns the index of the server that holds key.
+func (p *Pool) Pick(key string) int { return p.ring.Pick(key) }
+
+// MetaGet sends "mg <key> <flags...>" to key's server (see Conn.MetaGet).
+func (p *Pool) MetaGet(ctx context.Context, key string, flags ...string) (Response, error) {
+	return p.exec(ctx, p.ring.Pick(key), buildGet(key, flags))
+}
+
+// MetaSet sends an ms to key's server (see Conn.MetaSet).
+func (p *Pool) MetaSet(ctx context.Context, key string, value []byte, opt SetOptions) (Response, error) {
+	return p.exec(ctx, p.ring.Pick(key), buildSet(key, value, opt, p.cfg.MaxValueSize))
+}
+
+// MetaDelete sends an md to key's server (see Conn.MetaDelete).
+func (p *Pool) MetaDelete(ctx context.Context, key string, opt DeleteOptions) (Response, error) {
+	return p.exec(ctx, p.ring.Pick(key), buildDelete(key, opt))
+}
+
+// MetaArithmetic sends an ma to key's server (see Conn.MetaArithmetic).
+func (p *Pool) MetaArithmetic(ctx context.Context, key string, opt ArithmeticOptions) (Response, error) {
+	return p.exec(ctx, p.ring.Pick(key), buildArithmetic(key, opt))
+}
+
+// Do forwards a meta command to the server of the key it names (see
+// Conn.Do; the key is hashed as written, base64 or not). mn names no key:
+// use NoOp.
+func (p *Pool) Do(ctx context.Context, request, value []byte) (Response, error) {
+	r, key := buildRaw(request, value, p.cfg.MaxValueSize)
+	if r.err != nil {
+		return Response{}, r.err
+	}
+	if r.kind == kindNop {
+		return Response{}, fmt.Errorf("%w: mn names no server; use NoOp", ErrBadRequest)
+	}
+	return p.exec(ctx, p.ring.Pick(key), r)
+}
+
+// NoOp sends mn to server i and waits for MN.
+func (p *Pool) NoOp(ctx context.Context, i int) error {
+	if i < 0 || i >= len(p.servers) {
+		return fmt.Errorf("%w: server %d of %d", ErrBadRequest, i, len(p.servers))
+	}
+	_, err := p.exec(ctx, i, &request{kind: kindNop, buf: noopRequest})
+	return err
+}
+
+// Delete removes key ("md <key>"). A key that is not there counts as
+// deleted.
+func (p *Pool) Delete(ctx context.Context, key string) error {
+	resp, err := p.MetaDelete(ctx, key, DeleteOptions{})
+	return deleteResult("md", key, resp, err)
+}
+
+// MarkStale marks key stale ("md <key> I T<ttl>"): readers get its value
+// with X until it is refilled, and one of them gets W to refill it. ttl,
+// rounded up to seconds, caps how long the stale item lives; 0 leaves its
+// TTL unchanged. A key that is not there counts as done.
+func (p *Pool) MarkStale(ctx context.Context, key string, ttl time.Duration) error {
+	resp, err := p.MetaDelete(ctx, key, DeleteOptions{Invalidate: true, TTL: ttl})
+	return deleteResult("md I", key, resp, err)
+}
+
+func deleteResult(op, key string, resp Response, err error) error {
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", op, key, err)
+	}
+	switch resp.Status {
+	case StatusHD, StatusNF:
+		return nil
+	}
+	return fmt.Errorf("%w: %s %s answered %s", ErrProtocol, op, key, resp.Status)
+}
+
+// DeleteMulti deletes keys as Delete does, pipelining them all at once
+// from the calling goroutine. The result has one error per key (nil:
+// deleted or absent). All keys share ctx's deadline (or Config.Timeout).
+func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error {
+	return p.multi(ctx, keys, "md", func(k string) *request { return buildDelete(k, DeleteOptions{}) })
+}
+
+// MarkStaleMulti marks keys stale as MarkStale does, pipelined as
+// DeleteMulti.
+func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error {
+	opt := DeleteOptions{Invalidate: true, TTL: ttl}
+	return p.multi(ctx, keys, "md I", func(k string) *request { return buildDelete(k, opt) })
+}
+
+func (p *Pool) multi(ctx context.Context, keys []string, op string, build func(string) *request) []error {
+	// One context for the batch: a timer's single tick could not end
+	// every wait.
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, p.cfg.Timeout)
+		defer cancel()
+	}
+	var expired <-chan time.Time
+	type started struct {
+		s     *server
+		c     *Conn
+		r     *request
+		probe bool
+	}
+	errs := make([]error, len(keys))
+	inflight := make([]started, len(keys))
+	for i, k := range keys {
+		s := p.servers[p.ring.Pick(k)]
+		r := build(k)
+		c, probe, err := p.begin(ctx, expired, s, r)
+		if err != nil {
+			errs[i] = fmt.Errorf("%s %s: %w", op, k, err)
+			continue
+		}
+		inflight[i] = started{s, c, r, probe}
+	}
+	for i, st := range inflight {
+		if st.c == nil {
+			continue
+		}
+		resp, err := st.c.wait(ctx, expired, st.r)
+		p.finish(st.s, st.probe, err)
+		errs[i] = deleteResult(op, keys[i], resp, err)
+	}
+	return errs
+}
+
+// BreakerState returns the breaker state of server i.
+func (p *Pool) BreakerState(i int) BreakerState { return p.servers[i].br.State() }
+
+// Stats returns each server's figures, in server order.
+func (p *Pool) Stats() []ServerStats {
+	out := make([]ServerStats, len(p.servers))
+	for i, s := range p.servers {
+		st := ServerStats{
+			Addr:     s.addr,
+			State:    s.br.State(),
+			Requests: s.requests.Load(),
+			Failures: s.failures.Load(),
+			Rejected: s.rejected.Load(),
+			Opens:    s.opens.Load(),
+			Dials:    s.dials.Load(),
+			DialErrs: s.dialErrs.Load(),
+		}
+		for _, slot := range s.slots {
+			if c := slot.conn.Load(); c != nil && c.Err() == nil {
+				st.Conns++
+				st.InFlight += c.InFlight()
+			}
+		}
+		out[i] = st
+	}
+	return out
+}
+
+// Close stops every connection and waits for the pool's goroutines.
+// Requests in flight fail with ErrClosed. It is safe to call twice.
+func (p *Pool) Close() error {
+	p.closeOnce.Do(func() { close(p.closing) })
+	p.wg.Wait()
+	return nil
+}
