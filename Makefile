@@ -43,7 +43,7 @@ env: setup build
 
 # The two-datacenter demo (see README).
 demo: setup build
-	$(BIN)/testenv
+	$(BIN)/demo
 
 bench: setup build
 	bash scripts/bench.sh

@@ -101,9 +101,26 @@ func StartReplica(ctx context.Context, name, dir, primaryAddr string) (*Postgres
 	if err := os.Remove(pg.DataDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("replica %s: %w", name, err)
 	}
-	if err := runAs(ctx, pg.cred, bb, "-h", host, "-p", port, "-U", "postgres", "-D", pg.DataDir,
-		"-R", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-sync"); err != nil {
-		return nil, fmt.Errorf("pg_basebackup %s: %w", name, err)
+	// A base backup takes about a second here; one that hangs (seen once
+	// on a loaded machine) is killed and tried again.
+	var bbErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		if attempt > 0 {
+			_ = os.RemoveAll(pg.DataDir)
+			// The slot may exist from the failed attempt.
+			_ = runAs(ctx, pg.cred, mustLook("psql"), "-h", host, "-p", port, "-U", "postgres", "-c",
+				"SELECT pg_drop_replication_slot('"+slot+"') FROM pg_replication_slots WHERE slot_name = '"+slot+"'")
+		}
+		actx, cancel := context.WithTimeout(ctx, 45*time.Second)
+		bbErr = runAs(actx, pg.cred, bb, "-h", host, "-p", port, "-U", "postgres", "-D", pg.DataDir,
+			"-R", "-X", "stream", "-C", "-S", slot, "-c", "fast", "--no-sync")
+		cancel()
+		if bbErr == nil || ctx.Err() != nil {
+			break
+		}
+	}
+	if bbErr != nil {
+		return nil, fmt.Errorf("pg_basebackup %s: %w", name, bbErr)
 	}
 	if err := pg.writeConf(); err != nil {
 		return nil, err
@@ -112,6 +129,16 @@ func StartReplica(ctx context.Context, name, dir, primaryAddr string) (*Postgres
 		return nil, err
 	}
 	return pg, nil
+}
+
+// mustLook finds a PostgreSQL client binary, or returns its bare name so
+// that running it fails with a clear error.
+func mustLook(name string) string {
+	p, err := lookPath(name, pgBinDirs()...)
+	if err != nil {
+		return name
+	}
+	return p
 }
 
 func newPostgres(name, dir string, replica bool) (*Postgres, error) {

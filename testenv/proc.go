@@ -164,6 +164,10 @@ func userCred(name string) (*syscall.Credential, int, int, error) {
 func runAs(ctx context.Context, cred *syscall.Credential, path string, args ...string) error {
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Credential: cred}
+	// On ctx end kill the whole group (pg_basebackup forks a WAL
+	// streamer that would hold the output pipe open) and stop waiting.
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 2 * time.Second
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%s: %w: %s", path, err, out)

@@ -1,0 +1,305 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/mcpool"
+	"github.com/pgcache/pgcache/purge"
+	"github.com/pgcache/pgcache/tail"
+	"github.com/pgcache/pgcache/wal"
+)
+
+var errSlotGone = wal.ErrSlotGone
+
+// daemon is one invalidator process: the tail role, the purge role, or both.
+type daemon struct {
+	cfg   *Config
+	rules *keys.Set
+	log   *zap.Logger
+	reg   *prometheus.Registry
+
+	ready atomic.Bool
+}
+
+func newDaemon(cfg *Config, rules *keys.Set, log *zap.Logger) (*daemon, error) {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return &daemon{cfg: cfg, rules: rules, log: log, reg: reg}, nil
+}
+
+// Run runs until soft ends (then drains: stop reading the WAL, publish and
+// confirm what was read, finish purging what was received) or hard ends
+// (stop at once; anything unfinished is redone after restart).
+func (d *daemon) Run(soft, hard context.Context) error {
+	nc, shutdownNATS, err := d.connectNATS(hard)
+	if err != nil {
+		return err
+	}
+	defer shutdownNATS()
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("jetstream: %w", err)
+	}
+
+	g, gctx := errgroup.WithContext(hard)
+	// A failing component stops the others softly too.
+	soft, cancelSoft := context.WithCancel(soft)
+	defer cancelSoft()
+	go func() {
+		<-gctx.Done()
+		cancelSoft()
+	}()
+
+	srv, err := d.serveHTTP(g)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+
+	if d.cfg.Purge != nil {
+		if err := d.runPurge(soft, gctx, g, js); err != nil {
+			return err
+		}
+	}
+	if d.cfg.Tail {
+		if err := d.runTail(soft, gctx, g, js); err != nil {
+			return err
+		}
+	}
+	d.ready.Store(true)
+	err = g.Wait()
+	d.ready.Store(false)
+	return err
+}
+
+// connectNATS connects to nats.url, or starts an embedded single-node
+// server when it is empty.
+func (d *daemon) connectNATS(ctx context.Context) (*nats.Conn, func(), error) {
+	url := d.cfg.NATS.URL
+	stop := func() {}
+	if url == "" {
+		o := &server.Options{
+			ServerName: "invalidator-" + d.cfg.DC,
+			Host:       "127.0.0.1",
+			Port:       server.RANDOM_PORT,
+			JetStream:  true,
+			StoreDir:   filepath.Join(d.cfg.NATS.DataDir, "nats"),
+			NoSigs:     true,
+			NoLog:      true,
+		}
+		s, err := server.NewServer(o)
+		if err != nil {
+			return nil, nil, fmt.Errorf("embedded nats: %w", err)
+		}
+		s.Start()
+		if !s.ReadyForConnections(10 * time.Second) {
+			s.Shutdown()
+			return nil, nil, errors.New("embedded nats: not ready")
+		}
+		url = s.ClientURL()
+		stop = func() { s.Shutdown(); s.WaitForShutdown() }
+		d.log.Info("embedded NATS server started", zap.String("store", o.StoreDir))
+	}
+	log := d.log.Named("nats")
+	nc, err := nats.Connect(url,
+		nats.Name("invalidator-"+d.cfg.DC),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250*time.Millisecond),
+		nats.RetryOnFailedConnect(true),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("disconnected", zap.Error(err)) }),
+		nats.ReconnectHandler(func(*nats.Conn) { log.Info("reconnected") }),
+	)
+	if err != nil {
+		stop()
+		return nil, nil, fmt.Errorf("connect to nats: %w", err)
+	}
+	return nc, stop, nil
+}
+
+func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
+	if d.cfg.HTTP.Listen == "off" {
+		return &http.Server{}, nil
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !d.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ready\n"))
+	})
+	ln, err := net.Listen("tcp", d.cfg.HTTP.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("http listen: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	g.Go(func() error {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("http: %w", err)
+		}
+		return nil
+	})
+	return srv, nil
+}
+
+// runPurge starts this DC's consumer and purger. On soft stop the consumer
+// stops reading and the purger finishes what it has; on hard stop
+// unfinished batches stay unacked and come again.
+func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jetstream.JetStream) error {
+	pc := d.cfg.Purge
+	log := d.log.Named("purge")
+	mc := mcpool.DefaultConfig()
+	mc.Servers = pc.Servers
+	mc.Hash = pc.Hash
+	mc.Timeout = pc.Timeout
+	pool, err := mcpool.New(mc, log.Named("pool"))
+	if err != nil {
+		return fmt.Errorf("%w: purge pool: %w", ErrConfig, err)
+	}
+	d.registerPool(pool)
+	var gate purge.Waiter
+	if pc.ReplicaDSN != "" {
+		gt, err := purge.NewGate(purge.GateConfig{DSN: pc.ReplicaDSN, MaxWait: pc.GateMaxWait}, log.Named("gate"))
+		if err != nil {
+			return fmt.Errorf("%w: %w", ErrConfig, err)
+		}
+		d.registerGate(gt)
+		g.Go(func() error { return gt.Run(hard) })
+		gate = gt
+	}
+	m := purge.NewMetrics(d.reg, d.cfg.DC)
+	p, err := purge.New(hard, purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL, Concurrency: pc.Concurrency}, pool, gate, m, log)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
+	d.reg.MustRegister(bad)
+	cons, err := bus.NewConsumer(js, bus.ConsumerConfig{Stream: d.cfg.NATS.Stream, DC: d.cfg.DC}, log, func(error) { bad.Inc() })
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	g.Go(func() error {
+		defer pool.Close()
+		err := cons.Run(soft, func(dl *bus.Delivery) { p.Handle(dl.Batch, dl) })
+		p.Wait()
+		return err
+	})
+	return nil
+}
+
+// runTail holds the slot (or waits as a hot standby), publishes, and
+// confirms LSNs that JetStream has acked.
+func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetstream.JetStream) error {
+	log := d.log.Named("tail")
+	wc := wal.DefaultConfig()
+	wc.DSN = d.cfg.Postgres.DSN
+	wc.Slot = d.cfg.Postgres.Slot
+	wc.Publication = d.cfg.Postgres.Publication
+	wc.Tables = d.rules.Tables()
+	if d.cfg.Messages.Prefix != "" {
+		wc.MessagePrefixes = []string{d.cfg.Messages.Prefix}
+	}
+	stream, err := wal.New(wc, log.Named("wal"))
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	sctx, cancel := context.WithTimeout(hard, 30*time.Second)
+	defer cancel()
+	if err := Verify(sctx, d.cfg, d.rules); err != nil {
+		return err
+	}
+	if err := stream.Setup(sctx); err != nil {
+		return fmt.Errorf("set up slot and publication: %w", err)
+	}
+	if _, err := bus.EnsureStream(sctx, js, bus.StreamConfig{Name: d.cfg.NATS.Stream, Placement: d.cfg.NATS.Placement}); err != nil {
+		return err
+	}
+	pcfg := bus.DefaultPublisherConfig()
+	pcfg.Origin = d.cfg.DC
+	pcfg.Stream.Name = d.cfg.NATS.Stream
+	pub, err := bus.NewPublisher(js, pcfg, log.Named("bus"), func(lsn uint64) { stream.Confirm(pglogrepl.LSN(lsn)) })
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	d.registerTail(stream, pub)
+	h := tail.NewHandler(d.rules, pub, tail.NewMetrics(d.reg), log)
+	g.Go(func() error { return pub.Run(hard) })
+	g.Go(func() error {
+		// Reading stops on soft stop; then every batch is published
+		// and acked, and the last LSN confirmed to Postgres.
+		err := stream.Run(soft, h)
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return fmt.Errorf("wal: %w", err)
+		}
+		if derr := pub.Drain(hard); derr != nil {
+			return derr
+		}
+		return d.confirmFinal(hard, stream)
+	})
+	return nil
+}
+
+// confirmFinal moves the slot to the last LSN JetStream acked after the
+// drain. The stream has stopped, so the slot is advanced with SQL; a
+// failure only means those transactions are published again on restart.
+func (d *daemon) confirmFinal(ctx context.Context, s *wal.Stream) error {
+	lsn := s.Stats().ConfirmedLSN
+	if lsn == 0 {
+		return nil
+	}
+	var err error
+	for attempt := 0; attempt < 50; attempt++ {
+		err = advanceSlot(ctx, d.cfg.Postgres.DSN, d.cfg.Postgres.Slot, lsn)
+		if err == nil {
+			d.log.Info("drained; slot confirmed", zap.String("lsn", lsn.String()))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond): // the walsender may still hold the slot for a moment
+		}
+	}
+	d.log.Warn("could not confirm the last LSN after the drain; it will be published again", zap.Error(err))
+	return nil
+}
+
+func advanceSlot(ctx context.Context, dsn, slot string, lsn pglogrepl.LSN) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(cctx, dsn)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer conn.Close(context.Background())
+	// Never move backwards: the slot may already be past lsn.
+	_, err = conn.Exec(cctx, `SELECT pg_replication_slot_advance($1, $2::pg_lsn)
+		FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn`, slot, lsn.String())
+	if err != nil {
+		return fmt.Errorf("advance slot: %w", err)
+	}
+	return nil
+}

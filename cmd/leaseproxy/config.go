@@ -1,0 +1,145 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"gopkg.in/yaml.v3"
+
+	"github.com/pgcache/pgcache/lease"
+	"github.com/pgcache/pgcache/mcpool"
+)
+
+// fileConfig is leaseproxy.yaml. Absent fields keep the packages'
+// defaults (lease.DefaultConfig, mcpool.DefaultConfig).
+type fileConfig struct {
+	Listen  string   `yaml:"listen"`
+	Servers []string `yaml:"servers"`
+	Hash    string   `yaml:"hash"`
+	Lease   struct {
+		TTL          time.Duration `yaml:"ttl"`
+		Wait         time.Duration `yaml:"wait"`
+		Stale        bool          `yaml:"stale"`
+		PollMin      time.Duration `yaml:"poll_min"`
+		PollMax      time.Duration `yaml:"poll_max"`
+		MaxRecords   int           `yaml:"max_records"`
+		ForeignSet   string        `yaml:"foreign_set"`
+		RecordPrefix string        `yaml:"record_prefix"`
+	} `yaml:"lease"`
+	Limits struct {
+		MaxConns        int           `yaml:"max_conns"`
+		MaxValueBytes   int           `yaml:"max_value_bytes"`
+		MaxLineBytes    int           `yaml:"max_line_bytes"`
+		MaxGetLineBytes int           `yaml:"max_get_line_bytes"`
+		IdleTimeout     time.Duration `yaml:"idle_timeout"`
+	} `yaml:"limits"`
+	FlushAll string `yaml:"flush_all"`
+	Version  string `yaml:"version"`
+	Pool     struct {
+		ConnsPerServer  int           `yaml:"conns_per_server"`
+		Timeout         time.Duration `yaml:"timeout"`
+		DialTimeout     time.Duration `yaml:"dial_timeout"`
+		BreakerFailures int           `yaml:"breaker_failures"`
+		BreakerOpenFor  time.Duration `yaml:"breaker_open_for"`
+	} `yaml:"pool"`
+	HTTP struct {
+		Listen string `yaml:"listen"`
+		Pprof  bool   `yaml:"pprof"`
+	} `yaml:"http"`
+	DrainTimeout time.Duration `yaml:"drain_timeout"`
+	Log          struct {
+		Level  string `yaml:"level"`
+		Format string `yaml:"format"`
+	} `yaml:"log"`
+}
+
+// defaults fills a fileConfig with the packages' defaults, so that the
+// file only overrides what it names.
+func defaults() fileConfig {
+	lc, pc := lease.DefaultConfig(), mcpool.DefaultConfig()
+	var fc fileConfig
+	fc.Listen = "127.0.0.1:11311"
+	fc.Hash = pc.Hash
+	fc.Lease.TTL, fc.Lease.Wait, fc.Lease.Stale = lc.Lease.TTL, lc.Lease.Wait, lc.Lease.Stale
+	fc.Lease.PollMin, fc.Lease.PollMax = lc.Lease.PollMin, lc.Lease.PollMax
+	fc.Lease.MaxRecords, fc.Lease.ForeignSet, fc.Lease.RecordPrefix = lc.Lease.MaxRecords, lc.Lease.ForeignSet, lc.Lease.RecordPrefix
+	fc.Limits.MaxConns, fc.Limits.MaxValueBytes = lc.MaxConns, lc.MaxValueBytes
+	fc.Limits.MaxLineBytes, fc.Limits.MaxGetLineBytes, fc.Limits.IdleTimeout = lc.MaxLineBytes, lc.MaxGetLineBytes, lc.IdleTimeout
+	fc.FlushAll, fc.Version = lc.FlushAll, lc.Version
+	fc.Pool.ConnsPerServer, fc.Pool.Timeout, fc.Pool.DialTimeout = pc.ConnsPerServer, pc.Timeout, pc.DialTimeout
+	fc.Pool.BreakerFailures, fc.Pool.BreakerOpenFor = pc.Breaker.Failures, pc.Breaker.OpenFor
+	fc.HTTP.Listen = "127.0.0.1:9188"
+	fc.DrainTimeout = 10 * time.Second
+	fc.Log.Level, fc.Log.Format = "info", "json"
+	return fc
+}
+
+// loadConfig reads and checks the file at path. Unknown fields are errors.
+func loadConfig(path string) (fileConfig, error) {
+	fc := defaults()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fc, fmt.Errorf("read config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&fc); err != nil {
+		return fc, fmt.Errorf("parse config %s: %w", path, err)
+	}
+	if fc.Listen == "" {
+		return fc, errors.New("config: listen is empty")
+	}
+	if fc.DrainTimeout <= 0 {
+		return fc, fmt.Errorf("config: drain_timeout (%s) must be positive", fc.DrainTimeout)
+	}
+	if err := fc.leaseConfig().Validate(); err != nil {
+		return fc, err
+	}
+	return fc, fc.poolConfig().Validate()
+}
+
+func (fc fileConfig) leaseConfig() lease.Config {
+	c := lease.DefaultConfig()
+	c.MaxConns, c.MaxValueBytes = fc.Limits.MaxConns, fc.Limits.MaxValueBytes
+	c.MaxLineBytes, c.MaxGetLineBytes, c.IdleTimeout = fc.Limits.MaxLineBytes, fc.Limits.MaxGetLineBytes, fc.Limits.IdleTimeout
+	c.FlushAll, c.Version = fc.FlushAll, fc.Version
+	c.Lease = lease.LeaseConfig{
+		TTL: fc.Lease.TTL, Wait: fc.Lease.Wait, Stale: fc.Lease.Stale,
+		PollMin: fc.Lease.PollMin, PollMax: fc.Lease.PollMax, MaxRecords: fc.Lease.MaxRecords,
+		ForeignSet: fc.Lease.ForeignSet, RecordPrefix: fc.Lease.RecordPrefix,
+	}
+	return c
+}
+
+func (fc fileConfig) poolConfig() mcpool.Config {
+	c := mcpool.DefaultConfig()
+	c.Servers, c.Hash = fc.Servers, fc.Hash
+	c.ConnsPerServer, c.Timeout, c.DialTimeout = fc.Pool.ConnsPerServer, fc.Pool.Timeout, fc.Pool.DialTimeout
+	c.Breaker.Failures, c.Breaker.OpenFor = fc.Pool.BreakerFailures, fc.Pool.BreakerOpenFor
+	c.MaxValueSize = max(c.MaxValueSize, fc.Limits.MaxValueBytes)
+	return c
+}
+
+// newLogger builds the zap logger the file asks for.
+func (fc fileConfig) newLogger() (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(fc.Log.Level)
+	if err != nil {
+		return nil, fmt.Errorf("config: log.level: %w", err)
+	}
+	var zc zap.Config
+	switch fc.Log.Format {
+	case "json":
+		zc = zap.NewProductionConfig()
+	case "console":
+		zc = zap.NewDevelopmentConfig()
+	default:
+		return nil, fmt.Errorf("config: log.format %q (want json or console)", fc.Log.Format)
+	}
+	zc.Level = zap.NewAtomicLevelAt(level)
+	return zc.Build()
+}

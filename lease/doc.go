@@ -1,0 +1,96 @@
+// Package lease is a memcached text-protocol server that proxies one
+// datacenter's memcached pool and turns a thundering herd into one
+// database fill, with memcached's leases. Routing, connections and
+// breakers are left to the Backend (an mcpool.Pool); what a key maps to
+// in the database is left to the clients.
+//
+// # Protocol
+//
+// Any memcached client works unchanged: get, gets, gat, gats (many keys,
+// fetched in parallel, answered in request order), set, add, replace,
+// append, prepend, cas, delete, incr, decr, touch, version, stats (the
+// proxy's own figures), flush_all (forwarded to every server or refused,
+// see Config.FlushAll), verbosity and quit, with noreply everywhere. Meta
+// commands (mg, ms, md, ma, me, mn) are passed through to the key's
+// server unchanged; clients that speak them handle leases themselves.
+// Errors are memcached's: ERROR, CLIENT_ERROR, SERVER_ERROR. A bad line
+// that leaves the stream in step (a storage line with a known length has
+// its data block discarded) does not close the connection. A line with no
+// newline within the limit, a stalled data block and a binary-protocol
+// client (first byte 0x80) get an error line and are closed.
+//
+// # Leases
+//
+// A read sends "mg <key> v f c N<ttl>". memcached creates an empty item
+// on a miss and gives W (won) to exactly one reader across all proxies;
+// the others see Z. The winner's client gets a miss and is expected to
+// fill the key from the database and set it. Readers that see Z wait up
+// to Lease.Wait: per key and proxy, one poller reads the key again
+// (PollMin, doubling up to PollMax) and hands the value to every waiter,
+// so N waiters cost one poll per interval, not N. When the poller finds
+// the lease gone (expired, or invalidated by a delete) it wins a new one
+// and hands it to the longest waiter, which fills. A waiter still without
+// a value at the end of Lease.Wait gets a miss.
+//
+// An item the purger marked stale (md I) is returned with X; memcached
+// gives W to one reader, who refills, and Z to the rest. With Lease.Stale
+// those get the stale value at once; without it they wait as on a miss.
+//
+// The proxy records each lease it hands out (key to the CAS of the item
+// it won, bounded by Lease.MaxRecords, dropped after Lease.TTL). A set or
+// add of that key, on any connection of this proxy (clients pool
+// connections), is the fill: it is sent as "ms <key> <len> C<cas>", so
+// memcached stores it only if the item is still the leased one. An
+// invalidation in between (the item deleted, or marked stale, which bumps
+// its CAS) or the lease's expiry makes memcached answer NF or EX, and the
+// client gets NOT_STORED: a value read before the invalidation cannot be
+// stored after it (invariant I2). The next reader wins a new lease.
+//
+// # A fill at another proxy
+//
+// A client may get the lease through proxy A and send its set to proxy B.
+// B has no record of the lease, and cannot tell a fill from a plain
+// write. Lease.ForeignSet decides:
+//
+//   - "check" (default): on a win, A also writes the lease record to
+//     memcached, under RecordPrefix+key+"#n" (n picked so that the record
+//     sits on the key's own server: a dead server fails only its keys),
+//     with the CAS as value and twice the lease TTL. B, holding no
+//     record, reads it: if there is one, B
+//     stores with C<cas> exactly as A would, so an invalidation since the
+//     lease refuses the fill at B too; with none, no lease is out for the
+//     key and the set is an ordinary write. If the record cannot be read
+//     (its server is down), B refuses the set (NOT_STORED): a refused
+//     fill costs one miss, a wrongly stored one serves stale data until
+//     its TTL. The record is removed after the fill. Cost: one extra
+//     write per lease won and one extra read per set without a local
+//     record.
+//   - "plain": B stores as usual. Fast, but such a fill is not checked:
+//     it can store a value read before an invalidation (breaks I2 for
+//     clients that spread one get/set pair over proxies).
+//   - "refuse": B answers NOT_STORED to every set and add without a
+//     local lease record. Safe, but plain writes (write-through, counters)
+//     are refused too; only for deployments where every set is a fill and
+//     each client sticks to one proxy.
+//
+// Commands that act on an existing item only (delete, replace, append,
+// prepend, incr, decr, touch) first read the key's state (mg s f c): the
+// empty item of an outstanding lease is absent to them (NOT_FOUND,
+// NOT_STORED), though delete still removes it, which refuses the lease's
+// fill. That costs them one more round trip while leases are on.
+//
+// Keys may hold any byte but space, CR, LF and NUL, as with memcached.
+// Keys with other control bytes (memcaslap's) are sent to memcached in
+// base64 with the b flag, because mcpool sends printable keys only; the
+// pool then places them by their base64 form, consistently across
+// leaseproxies but not where nutcracker would put the raw key.
+//
+// Known limits: a real value of 0 bytes with client flags 0 that another
+// client is refreshing through mg R looks like an empty lease item, so
+// readers wait for it instead of taking it. A lease on a stale item that
+// nobody fills is handed back when its record expires (md I C<cas>); if
+// the proxy that handed it out dies first, memcached keeps the token
+// until the item's TTL, so the purger should mark stale with a TTL (md I
+// T<ttl>). touch, gat and gats re-store the value with a CAS compare
+// rather than sending mg T, which would also extend an empty lease item.
+package lease

@@ -1,0 +1,149 @@
+// Package tail turns the decoded WAL into invalidation batches: it
+// receives committed transactions from wal, maps their row changes and
+// messages to keys with the rules, and hands the keys to the publisher in
+// WAL order. Bad keys are counted and logged, never fatal. It leaves
+// decoding to wal, key rendering to keys and transport to bus.
+package tail
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/wal"
+)
+
+// Publisher takes the keys of transactions in WAL order; bus.Publisher
+// implements it.
+type Publisher interface {
+	BeginTx(commitLSN uint64, commitTime time.Time)
+	Add(ctx context.Context, keys ...string) error
+	EndTx(ctx context.Context, endLSN uint64) error
+}
+
+// Metrics are the tailer's Prometheus collectors.
+type Metrics struct {
+	Txs       prometheus.Counter
+	Changes   prometheus.Counter
+	Messages  prometheus.Counter
+	Keys      prometheus.Counter
+	KeyErrors *prometheus.CounterVec
+}
+
+// NewMetrics registers the tailer's metrics with reg (nil: not registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Txs:       prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_transactions_total", Help: "Committed transactions decoded."}),
+		Changes:   prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_changes_total", Help: "Row changes decoded."}),
+		Messages:  prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_messages_total", Help: "Logical messages with invalidation keys decoded."}),
+		Keys:      prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_keys_published_total", Help: "Keys handed to the bus."}),
+		KeyErrors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "invalidator_key_errors_total", Help: "Keys that could not be rendered, by reason."}, []string{"reason"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.Txs, m.Changes, m.Messages, m.Keys, m.KeyErrors)
+	}
+	return m
+}
+
+// Handler implements wal.Handler. It is used from wal's goroutine only.
+type Handler struct {
+	rules *keys.Set
+	pub   Publisher
+	m     *Metrics
+	log   *zap.Logger
+	buf   []string
+}
+
+// NewHandler returns a handler that renders keys with rules.
+func NewHandler(rules *keys.Set, pub Publisher, m *Metrics, log *zap.Logger) *Handler {
+	if m == nil {
+		m = NewMetrics(nil)
+	}
+	return &Handler{rules: rules, pub: pub, m: m, log: log}
+}
+
+// SetRules replaces the rules; call it from wal's goroutine or between
+// transactions only (config reload).
+func (h *Handler) SetRules(r *keys.Set) { h.rules = r }
+
+// Begin implements wal.Handler.
+func (h *Handler) Begin(_ context.Context, tx wal.TxInfo) error {
+	h.pub.BeginTx(uint64(tx.CommitLSN), tx.CommitTime)
+	return nil
+}
+
+// Change implements wal.Handler.
+func (h *Handler) Change(ctx context.Context, _ wal.TxInfo, c keys.Change) error {
+	h.m.Changes.Inc()
+	var errs []error
+	h.buf, errs = h.rules.Keys(h.buf[:0], c)
+	h.report(c.Table, errs)
+	return h.add(ctx)
+}
+
+// Message implements wal.Handler. A non-transactional message is its own
+// transaction at its LSN.
+func (h *Handler) Message(ctx context.Context, tx wal.TxInfo, m wal.Message) error {
+	h.m.Messages.Inc()
+	var errs []error
+	h.buf, errs = keys.ParseMessage(m.Content)
+	h.report("message:"+m.Prefix, errs)
+	if m.Transactional {
+		return h.add(ctx)
+	}
+	h.pub.BeginTx(uint64(m.LSN), time.Now())
+	if err := h.add(ctx); err != nil {
+		return err
+	}
+	return h.pub.EndTx(ctx, uint64(m.LSN))
+}
+
+// Commit implements wal.Handler.
+func (h *Handler) Commit(ctx context.Context, tx wal.TxInfo) error {
+	h.m.Txs.Inc()
+	return h.pub.EndTx(ctx, uint64(tx.EndLSN))
+}
+
+func (h *Handler) add(ctx context.Context) error {
+	if len(h.buf) == 0 {
+		return nil
+	}
+	h.m.Keys.Add(float64(len(h.buf)))
+	return h.pub.Add(ctx, h.buf...)
+}
+
+// report counts and logs keys that could not be rendered. The stream goes
+// on: the other keys of the change are published.
+func (h *Handler) report(source string, errs []error) {
+	for _, err := range errs {
+		reason := Reason(err)
+		h.m.KeyErrors.WithLabelValues(reason).Inc()
+		h.log.Warn("key not rendered", zap.String("source", source), zap.String("reason", reason), zap.Error(err))
+	}
+}
+
+// Reason names a key error for the metric label.
+func Reason(err error) string {
+	switch {
+	case errors.Is(err, keys.ErrKeyEmpty):
+		return "empty"
+	case errors.Is(err, keys.ErrKeyTooLong):
+		return "too_long"
+	case errors.Is(err, keys.ErrKeyInvalidChar):
+		return "invalid_char"
+	case errors.Is(err, keys.ErrUnchangedToast):
+		return "unchanged_toast"
+	case errors.Is(err, keys.ErrColumnMissing):
+		return "column_missing"
+	case errors.Is(err, keys.ErrOldValueMissing):
+		return "old_value_missing"
+	case errors.Is(err, keys.ErrTruncate):
+		return "truncate"
+	default:
+		return "other"
+	}
+}
