@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# make bench: the project's benchmarks, each against its reference in the
+# same run. Figures on a shared 2-core machine are only comparable within
+# one run; BENCHMARKS.md records them with the command and the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
+echo "== Go micro-benchmarks: key rendering, pgoutput decoding, meta pool vs gomemcache"
+go test -run '^$' -bench . -benchmem -count 1 ./keys/ ./wal/ ./mcpool/
+echo "== leaseproxy vs memcached direct vs nutcracker (memcaslap, own load generator, herd)"
+bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-10}"
