@@ -378,6 +378,11 @@ func (p *Pool) finish(s *server, probe bool, err error) {
 }
 
 func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) {
+	// A ctx that has already ended wins over the default timeout, which
+	// would otherwise race with it.
+	if err := ctx.Err(); err != nil {
+		return Response{}, err
+	}
 	t := p.deadline(ctx)
 	defer putTimer(t)
 	s := p.servers[idx]
