@@ -110,11 +110,6 @@ func (p *proc) term() int {
 	return p.code
 }
 
-func (p *proc) logText() string {
-	b, _ := os.ReadFile(p.log)
-	return string(b)
-}
-
 // world is a two-DC environment with one invalidator per DC: dc1 tails and
 // purges, dc2 purges.
 type world struct {
