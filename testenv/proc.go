@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -21,14 +22,22 @@ var ErrMissing = errors.New("testenv: required binary missing (run scripts/setup
 // ErrNotRunning is returned by Kill and Stop on a server that is not running.
 var ErrNotRunning = errors.New("testenv: server not running")
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago. It
+// picks at random below the kernel's ephemeral range (32768 and up), so
+// that the outgoing connections of tests running in parallel, which take
+// ephemeral ports, cannot grab it between this check and the server's bind.
 func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
+	var err error
+	for i := 0; i < 200; i++ {
+		port := 20000 + rand.IntN(12000)
+		var l net.Listener
+		l, err = net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err == nil {
+			l.Close()
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, fmt.Errorf("free port: %w", err)
 }
 
 // lookPath finds a binary in PATH or in the given extra directories.

@@ -33,6 +33,12 @@ func New(t testing.TB, opts Options) *Env {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	e, err := Start(ctx, opts)
+	if err != nil && ctx.Err() == nil {
+		// A port taken between its check and the bind (by a test running
+		// in parallel) fails one start; a second start picks new ports.
+		t.Logf("testenv: start failed, trying once more: %v", err)
+		e, err = Start(ctx, opts)
+	}
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
