@@ -156,12 +156,13 @@ func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
 		return nil, fmt.Errorf("http listen: %w", err)
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	g.Go(func() error {
+	// Served until Run closes it after the drain, so /metrics answers
+	// while draining; it is not part of g, which must end on its own.
+	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("http: %w", err)
+			d.log.Error("http server stopped", zap.Error(err))
 		}
-		return nil
-	})
+	}()
 	return srv, nil
 }
 
@@ -181,28 +182,34 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jets
 	}
 	d.registerPool(pool)
 	var gate purge.Waiter
+	// The gate runs until the purger has finished (or a hard stop).
+	gateCtx, stopGate := context.WithCancel(hard)
 	if pc.ReplicaDSN != "" {
 		gt, err := purge.NewGate(purge.GateConfig{DSN: pc.ReplicaDSN, MaxWait: pc.GateMaxWait}, log.Named("gate"))
 		if err != nil {
+			stopGate()
 			return fmt.Errorf("%w: %w", ErrConfig, err)
 		}
 		d.registerGate(gt)
-		g.Go(func() error { return gt.Run(hard) })
+		g.Go(func() error { return gt.Run(gateCtx) })
 		gate = gt
 	}
 	m := purge.NewMetrics(d.reg, d.cfg.DC)
 	p, err := purge.New(hard, purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL, Concurrency: pc.Concurrency}, pool, gate, m, log)
 	if err != nil {
+		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
 	d.reg.MustRegister(bad)
 	cons, err := bus.NewConsumer(js, bus.ConsumerConfig{Stream: d.cfg.NATS.Stream, DC: d.cfg.DC}, log, func(error) { bad.Inc() })
 	if err != nil {
+		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	g.Go(func() error {
 		defer pool.Close()
+		defer stopGate()
 		err := cons.Run(soft, func(dl *bus.Delivery) { p.Handle(dl.Batch, dl) })
 		p.Wait()
 		return err
