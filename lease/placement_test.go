@@ -2,14 +2,9 @@ package lease
 
 import (
 	"fmt"
-	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -20,60 +15,14 @@ import (
 )
 
 // startNutcracker runs nutcracker (twemproxy) over servers with ketama
-// and md5 and returns its address. It fails the test if nutcracker is
-// not installed.
+// and md5 and returns its address.
 func startNutcracker(t testing.TB, servers []string) string {
 	t.Helper()
-	bin, err := exec.LookPath("nutcracker")
-	if err != nil {
-		bin = "/usr/sbin/nutcracker"
-		if _, serr := os.Stat(bin); serr != nil {
-			t.Fatalf("nutcracker not installed (apt-get install nutcracker): %v", err)
-		}
+	specs := make([]string, len(servers))
+	for i, s := range servers {
+		specs[i] = s + ":1"
 	}
-	port, err := testenv.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stats, err := testenv.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	var conf strings.Builder
-	fmt.Fprintf(&conf, "pool:\n  listen: %s\n  hash: md5\n  distribution: ketama\n  auto_eject_hosts: false\n  timeout: 2000\n  servers:\n", addr)
-	for _, s := range servers {
-		fmt.Fprintf(&conf, "   - %s:1\n", s)
-	}
-	dir := t.TempDir()
-	confPath := filepath.Join(dir, "nutcracker.yml")
-	if err := os.WriteFile(confPath, []byte(conf.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.Create(filepath.Join(dir, "nutcracker.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-c", confPath, "-s", strconv.Itoa(stats), "-a", "127.0.0.1")
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start nutcracker: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(exited) }()
-	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); <-exited })
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			return addr
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "nutcracker.log"))
-			t.Fatalf("nutcracker not listening on %s: %v\n%s", addr, err, log)
-		}
-	}
+	return testenv.NewNutcracker(t, "md5", "ketama", specs)
 }
 
 func placementKeys(n int) []string {

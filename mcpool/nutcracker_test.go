@@ -64,41 +64,10 @@ func runProcess(t *testing.T, dir, name, addr, bin string, args ...string) {
 	}
 }
 
-// startNutcracker runs nutcracker (twemproxy 0.5.0) with one
-// memcached pool over servers (twemproxy specs, "host:port:weight [name]")
-// and returns its listen address.
+// startNutcracker runs nutcracker over servers; see testenv.NewNutcracker.
 func startNutcracker(t *testing.T, hash, distribution string, servers []string) string {
 	t.Helper()
-	bin, err := exec.LookPath("nutcracker")
-	if err != nil {
-		bin = "/usr/sbin/nutcracker" // Debian's package; not always in PATH
-		if _, serr := os.Stat(bin); serr != nil {
-			t.Fatalf("nutcracker is not installed (apt-get install nutcracker): %v", err)
-		}
-	}
-	port, err := testenv.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	statsPort, err := testenv.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	var conf strings.Builder
-	fmt.Fprintf(&conf, "pool:\n  listen: %s\n  hash: %s\n  distribution: %s\n", addr, hash, distribution)
-	conf.WriteString("  auto_eject_hosts: false\n  timeout: 2000\n  servers:\n")
-	for _, s := range servers {
-		fmt.Fprintf(&conf, "   - %s\n", s)
-	}
-	dir := t.TempDir()
-	confPath := filepath.Join(dir, "nutcracker.yml")
-	if err := os.WriteFile(confPath, []byte(conf.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	runProcess(t, dir, "nutcracker", addr, bin,
-		"-c", confPath, "-s", strconv.Itoa(statsPort), "-a", "127.0.0.1", "-p", filepath.Join(dir, "nutcracker.pid"))
-	return addr
+	return testenv.NewNutcracker(t, hash, distribution, servers)
 }
 
 // placementKeys are the keys the placement tests store: plain, long,
