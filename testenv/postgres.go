@@ -193,8 +193,28 @@ func (pg *Postgres) DSN(db string) string {
 	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/%s?sslmode=disable", pg.Port, db)
 }
 
-// Start starts the server and waits until it accepts queries.
+// Start starts the server and waits until it accepts queries. A server
+// that exits while starting (right after a kill -9 the old instance's
+// resources can linger for a moment) is started again, up to 3 times.
 func (pg *Postgres) Start(ctx context.Context) error {
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		if err = pg.start(ctx); !errors.Is(err, errExitedAtStart) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	return err
+}
+
+// errExitedAtStart marks a server process that exited before it was ready.
+var errExitedAtStart = errors.New("exited at start")
+
+func (pg *Postgres) start(ctx context.Context) error {
 	_ = os.Remove(filepath.Join(pg.DataDir, "postmaster.pid")) // stale after kill -9; our process group is gone
 	if err := pg.p.start(pg.bin, []string{"-D", pg.DataDir}, pg.LogPath(), pg.cred); err != nil {
 		return fmt.Errorf("postgres %s: %w", pg.Name, err)
@@ -208,7 +228,8 @@ func (pg *Postgres) Start(ctx context.Context) error {
 			return nil
 		}
 		if !pg.p.running() {
-			return fmt.Errorf("postgres %s exited at start (log %s): %w", pg.Name, pg.LogPath(), err)
+			_ = pg.p.signal(syscall.SIGKILL, time.Second) // reap it so it can start again
+			return fmt.Errorf("postgres %s %w (log %s): %w", pg.Name, errExitedAtStart, pg.LogPath(), err)
 		}
 		select {
 		case <-ctx.Done():
