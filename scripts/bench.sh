@@ -7,5 +7,7 @@ cd "$(dirname "$0")/.."
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
 echo "== Go micro-benchmarks: key rendering, pgoutput decoding, meta pool vs gomemcache"
 go test -run '^$' -bench . -benchmem -count 1 ./keys/ ./wal/ ./mcpool/
+echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS"
+go test -run '^$' -bench . -benchtime 1x -timeout 30m ./bench/
 echo "== leaseproxy vs memcached direct vs nutcracker (memcaslap, own load generator, herd)"
 bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-10}"

@@ -1,0 +1,324 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/pgcache/pgcache/testenv"
+)
+
+// shared is the environment every benchmark of a run uses: starting it
+// takes about 9 s, so it is started once, on first use, and closed by
+// TestMain.
+var shared struct {
+	once sync.Once
+	env  *testenv.Env
+	bin  string // the invalidator binary
+	dir  string
+	js   jetstream.JetStream
+	nc   *nats.Conn
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.nc != nil {
+		shared.nc.Close()
+	}
+	if shared.env != nil {
+		_ = shared.env.Close()
+	}
+	if shared.dir != "" {
+		_ = os.RemoveAll(shared.dir)
+	}
+	os.Exit(code)
+}
+
+// schema holds the benchmark tables. REPLICA IDENTITY FULL gives every
+// old-value key its column, as `invalidator check` asks of such rules.
+const schema = `
+CREATE TABLE IF NOT EXISTS bench_items (id bigint PRIMARY KEY, owner bigint NOT NULL, v int NOT NULL, payload text NOT NULL);
+ALTER TABLE bench_items REPLICA IDENTITY FULL;
+CREATE TABLE IF NOT EXISTS bench_lat (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS bench_big (id bigint PRIMARY KEY, v int NOT NULL);
+DROP PUBLICATION IF EXISTS bench;
+CREATE PUBLICATION bench FOR TABLE bench_items, bench_lat, bench_big;
+`
+
+// rules are the invalidator's rules for the benchmark tables: an item has
+// its own key and its owner's list key, so a moved item touches three.
+const rules = `rules:
+  - table: public.bench_items
+    keys: ["item:{id}", "owner_items:{owner}"]
+  - table: public.bench_lat
+    keys: ["lat:{id}"]
+  - table: public.bench_big
+    keys: ["big:{id}"]
+`
+
+// env returns the shared environment, starting it on first use.
+func env(b *testing.B) *testenv.Env {
+	b.Helper()
+	shared.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer cancel()
+		shared.dir, shared.err = os.MkdirTemp("", "pgcache-bench-")
+		if shared.err != nil {
+			return
+		}
+		shared.bin = filepath.Join(shared.dir, "invalidator")
+		out, err := exec.Command("go", "build", "-o", shared.bin, "github.com/pgcache/pgcache/cmd/invalidator").CombinedOutput()
+		if err != nil {
+			shared.err = fmt.Errorf("build invalidator: %w\n%s", err, out)
+			return
+		}
+		// Other test packages may take a picked port first: retry once,
+		// as testenv.New does.
+		for attempt := 0; attempt < 2; attempt++ {
+			if shared.env, shared.err = testenv.Start(ctx, testenv.Options{}); shared.err == nil {
+				break
+			}
+		}
+		if shared.err != nil {
+			return
+		}
+		if shared.err = shared.env.Primary.Exec(ctx, schema); shared.err != nil {
+			return
+		}
+		shared.nc, shared.err = nats.Connect(shared.env.DCs[0].NATS.URL())
+		if shared.err != nil {
+			return
+		}
+		shared.js, shared.err = jetstream.New(shared.nc)
+	})
+	if shared.err != nil {
+		b.Fatalf("benchmark environment: %v", shared.err)
+	}
+	return shared.env
+}
+
+// invalidator is one invalidator process run by a benchmark.
+type invalidator struct {
+	b       *testing.B
+	name    string
+	cmd     *exec.Cmd
+	port    int
+	log     string
+	started time.Time
+	done    chan struct{}
+}
+
+// invalidatorConfig is a config for dc. tail makes it hold slot; purge
+// makes it purge dc's memcached pool, gated on dc's replica.
+func invalidatorConfig(e *testenv.Env, dc *testenv.DC, slot, stream string, tail, purge bool) string {
+	cfg := fmt.Sprintf("dc: %s\npostgres: {dsn: %q, slot: %s, publication: bench}\nnats: {url: %q, stream: %s, placement: %s}\ntail: %t\nhttp: {listen: \"127.0.0.1:0\"}\n",
+		dc.Name, e.Primary.DSN(""), slot, dc.NATS.URL(), stream, e.DCs[0].Name, tail)
+	if purge {
+		cfg += fmt.Sprintf("purge:\n  servers: [%s]\n  replica_dsn: %q\n", strings.Join(dc.MemcachedAddrs(), ", "), dc.Replica.DSN(""))
+	}
+	return cfg + rules
+}
+
+// startInvalidator runs the invalidator binary with config.
+func startInvalidator(b *testing.B, name, config string) *invalidator {
+	b.Helper()
+	port, err := testenv.FreePort()
+	if err != nil {
+		b.Fatal(err)
+	}
+	config = strings.Replace(config, "127.0.0.1:0\"", fmt.Sprintf("127.0.0.1:%d\"", port), 1)
+	dir := b.TempDir()
+	path := filepath.Join(dir, "invalidator.yaml")
+	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	p := &invalidator{b: b, name: name, port: port, log: filepath.Join(dir, "invalidator.log"), done: make(chan struct{})}
+	f, err := os.Create(p.log)
+	if err != nil {
+		b.Fatal(err)
+	}
+	p.cmd = exec.Command(shared.bin, "-config", path)
+	p.cmd.Stdout, p.cmd.Stderr = f, f
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p.started = time.Now()
+	if err := p.cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	go func() {
+		_ = p.cmd.Wait()
+		f.Close()
+		close(p.done)
+	}()
+	b.Cleanup(func() {
+		p.stop()
+		if b.Failed() {
+			log, _ := os.ReadFile(p.log)
+			if len(log) > 6<<10 {
+				log = log[len(log)-6<<10:]
+			}
+			b.Logf("=== %s log (last 6 KB) ===\n%s", p.name, log)
+		}
+	})
+	return p
+}
+
+// peakRSS is the process's peak resident set (VmHWM) in bytes, or 0 once
+// it has exited. Rusage's Maxrss cannot serve here: Linux carries the
+// parent's high-water mark across fork and exec into it.
+func peakRSS(pid int) int64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
+
+// stop drains the process with SIGTERM and returns its peak RSS in bytes,
+// read just before the signal.
+func (p *invalidator) stop() int64 {
+	var rss int64
+	select {
+	case <-p.done:
+	default:
+		rss = peakRSS(p.cmd.Process.Pid)
+		p.dumpMetrics()
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(30 * time.Second):
+			_ = p.cmd.Process.Kill()
+			<-p.done
+			p.b.Errorf("%s did not drain within 30 s", p.name)
+		}
+	}
+	return rss
+}
+
+// failed reports the process's log when it exited early.
+func (p *invalidator) exited() error {
+	select {
+	case <-p.done:
+		b, _ := os.ReadFile(p.log)
+		if len(b) > 4096 {
+			b = b[len(b)-4096:]
+		}
+		return fmt.Errorf("%s exited early (%v):\n%s", p.name, p.cmd.ProcessState, b)
+	default:
+		return nil
+	}
+}
+
+// dumpMetrics saves the process's /metrics page under BENCH_METRICS_DIR,
+// when set, for a look at where the time went.
+func (p *invalidator) dumpMetrics() {
+	dir := os.Getenv("BENCH_METRICS_DIR")
+	if dir == "" {
+		return
+	}
+	resp, err := httpc.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", p.port))
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	page, _ := io.ReadAll(resp.Body)
+	_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%s.prom", p.b.Name(), p.name)), page, 0o644)
+}
+
+var httpc = &http.Client{Timeout: 2 * time.Second}
+
+// metric reads one unlabelled (or first labelled) sample from /metrics.
+func (p *invalidator) metric(name string) (float64, error) {
+	resp, err := httpc.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", p.port))
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	return findMetric(resp.Body, name)
+}
+
+// findMetric returns the first sample of name in a Prometheus text page.
+func findMetric(r io.Reader, name string) (float64, error) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name) || len(line) == len(name) {
+			continue
+		}
+		if c := line[len(name)]; c != ' ' && c != '{' {
+			continue
+		}
+		f := strings.Fields(line)
+		return strconv.ParseFloat(f[len(f)-1], 64)
+	}
+	if err := sc.Err(); err != nil {
+		return 0, err
+	}
+	return 0, fmt.Errorf("metric %s: %w", name, errNoMetric)
+}
+
+var errNoMetric = errors.New("not exported")
+
+// ready waits until /readyz answers 200.
+func (p *invalidator) ready(ctx context.Context) {
+	p.b.Helper()
+	for {
+		resp, err := httpc.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", p.port))
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if err := p.exited(); err != nil {
+			p.b.Fatal(err)
+		}
+		select {
+		case <-ctx.Done():
+			p.b.Fatalf("%s not ready: %v", p.name, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// confirmedAt waits until the process has confirmed lsn to the slot (every
+// batch up to it acked by JetStream) and returns when it saw that.
+func (p *invalidator) confirmedAt(ctx context.Context, lsn uint64) time.Time {
+	p.b.Helper()
+	for {
+		v, err := p.metric("invalidator_slot_confirmed_lsn")
+		if err == nil && uint64(v) >= lsn {
+			return time.Now()
+		}
+		if err := p.exited(); err != nil {
+			p.b.Fatal(err)
+		}
+		select {
+		case <-ctx.Done():
+			p.b.Fatalf("%s: confirmed LSN %x, want %x: %v", p.name, uint64(v), lsn, ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,261 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgcache/pgcache/testenv"
+)
+
+// watcher records when each key of a prefix first reached one memcached,
+// from memcached's own log ("watch fetchers": a delete looks the item up,
+// found or not). The time is when the log line arrives here, an upper
+// bound of when memcached applied the delete: the line's own ts= field
+// cannot serve, as memcached 1.6.18 stamps some lines up to a second late.
+type watcher struct {
+	conn    net.Conn
+	prefix  string
+	mu      sync.Mutex // guards seen and skipped
+	seen    map[int64]time.Time
+	skipped int
+	done    chan struct{}
+}
+
+func watch(addr, prefix string) (*watcher, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write([]byte("watch fetchers\r\n")); err != nil {
+		c.Close()
+		return nil, err
+	}
+	r := bufio.NewReaderSize(c, 1<<16)
+	line, err := r.ReadString('\n')
+	if err != nil || line != "OK\r\n" {
+		c.Close()
+		return nil, fmt.Errorf("watch %s: %q %v", addr, line, err)
+	}
+	w := &watcher{conn: c, prefix: prefix, seen: map[int64]time.Time{}, done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			w.add(line, time.Now())
+		}
+	}()
+	return w, nil
+}
+
+func (w *watcher) add(line string, at time.Time) {
+	id, ok := parseWatch(line, w.prefix)
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if strings.Contains(line, "skipped=") {
+		w.skipped++
+	}
+	if ok {
+		if _, dup := w.seen[id]; !dup {
+			w.seen[id] = at
+		}
+	}
+}
+
+func (w *watcher) close() {
+	w.conn.Close()
+	<-w.done
+}
+
+// parseWatch reads "... key=<prefix><id> ..." (the key URI-encoded) and
+// returns the id.
+func parseWatch(line, prefix string) (int64, bool) {
+	for _, f := range strings.Fields(line) {
+		k, ok := strings.CutPrefix(f, "key=")
+		if !ok {
+			continue
+		}
+		key, err := url.PathUnescape(k) // memcached URI-encodes keys: lat%3A42
+		if err != nil || !strings.HasPrefix(key, prefix) {
+			return 0, false
+		}
+		id, err := strconv.ParseInt(key[len(prefix):], 10, 64)
+		return id, err == nil
+	}
+	return 0, false
+}
+
+func TestParseWatch(t *testing.T) {
+	for _, c := range []struct {
+		line string
+		id   int64
+		ok   bool
+	}{
+		{"ts=1795229724.588621 gid=8 type=item_get key=lat%3A42 status=not_found clsid=0 cfd=26 size=0\r\n", 42, true},
+		{"ts=1795229724.5 gid=8 type=item_get key=lat:7 status=found\n", 7, true},
+		{"ts=1795229724.588621 gid=8 type=item_get key=item%3A42 status=found\n", 0, false},
+		{"ts=1795229724.588621 gid=8 type=item_get key=lat%3Ax status=found\n", 0, false},
+		{"ts=1795229724.588621 gid=8 type=item_get key=lat%ZZ1 status=found\n", 0, false},
+		{"ts=1795229724.588621 gid=8 type=item_get status=found\n", 0, false},
+	} {
+		id, ok := parseWatch(c.line, "lat:")
+		if id != c.id || ok != c.ok {
+			t.Errorf("parseWatch(%q) = %d, %t; want %d, %t", c.line, id, ok, c.id, c.ok)
+		}
+	}
+}
+
+// BenchmarkCommitToPurge commits single-row transactions at a steady rate
+// (BENCH_RATE, default 5000/s) for BENCH_SECONDS (default 10) after a 1 s
+// warm-up, and reports per DC the p50, p99 and max from a commit's return
+// to the client to its key's delete reaching memcached. Every key must
+// arrive in every DC: a missing one fails the benchmark.
+func BenchmarkCommitToPurge(b *testing.B) {
+	e := env(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	rate := envInt("BENCH_RATE", 5000)
+	secs := envInt("BENCH_SECONDS", 10)
+	for i := 0; i < b.N; i++ {
+		slot, stream := nextName("lat"), nextName("BENCH_LAT")
+		createSlots(ctx, b, e, slot)
+		ps := pipeline(ctx, b, e, slot, stream)
+		for _, p := range ps {
+			p.ready(ctx)
+		}
+		watchers := map[string][]*watcher{}
+		for _, dc := range e.DCs {
+			for _, addr := range dc.MemcachedAddrs() {
+				w, err := watch(addr, "lat:")
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer w.close()
+				watchers[dc.Name] = append(watchers[dc.Name], w)
+			}
+		}
+		base := int64(runID.Add(1)) * 100_000_000
+		warm := rate
+		total := warm + rate*secs
+		commits, elapsed := steadyWriter(ctx, b, e, base, total, rate)
+		b.Logf("%d commits in %v: %.0f commits/s (asked %d/s)", total, elapsed, float64(total)/elapsed.Seconds(), rate)
+
+		for _, dc := range e.DCs {
+			lat := waitAll(ctx, b, dc.Name, watchers[dc.Name], base, commits, warm)
+			p50, p99, worst := lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
+			b.Logf("%s: %d keys, commit to purge p50 %v p99 %v max %v", dc.Name, len(lat), p50, p99, worst)
+			b.ReportMetric(float64(p50.Microseconds())/1000, dc.Name+"-p50-ms")
+			b.ReportMetric(float64(p99.Microseconds())/1000, dc.Name+"-p99-ms")
+			b.ReportMetric(float64(worst.Microseconds())/1000, dc.Name+"-max-ms")
+		}
+		b.ReportMetric(float64(total)/elapsed.Seconds(), "commits/s")
+		for _, p := range ps {
+			p.stop()
+		}
+	}
+}
+
+// steadyWriter inserts ids base..base+total-1 into bench_lat, one
+// transaction each, released at rate a second to 16 connections, and
+// returns when each commit returned to the client.
+func steadyWriter(ctx context.Context, b *testing.B, e *testenv.Env, base int64, total, rate int) ([]time.Time, time.Duration) {
+	b.Helper()
+	const workers = 16
+	commits := make([]time.Time, total)
+	jobs := make(chan int, total)
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		conn, err := pgx.Connect(ctx, e.Primary.DSN(""))
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer conn.Close(context.Background())
+		if _, err := conn.Prepare(ctx, "ins", "INSERT INTO bench_lat (id) VALUES ($1)"); err != nil {
+			b.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range jobs {
+				if _, err := conn.Exec(ctx, "ins", base+int64(k)); err != nil {
+					errs <- err
+					return
+				}
+				commits[k] = time.Now()
+			}
+		}()
+	}
+	start := time.Now()
+	interval := time.Second / time.Duration(rate)
+	for k := 0; k < total; k++ {
+		if d := time.Until(start.Add(time.Duration(k) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		jobs <- k
+	}
+	close(jobs)
+	wg.Wait()
+	elapsed := time.Since(start)
+	select {
+	case err := <-errs:
+		b.Fatal(err)
+	default:
+	}
+	return commits, elapsed
+}
+
+// waitAll waits until every id's key reached one of the DC's watchers and
+// returns the sorted latencies of the ids after the warm-up.
+func waitAll(ctx context.Context, b *testing.B, dc string, ws []*watcher, base int64, commits []time.Time, warm int) []time.Duration {
+	b.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		seen := map[int64]time.Time{}
+		skipped := 0
+		for _, w := range ws {
+			w.mu.Lock()
+			for id, at := range w.seen {
+				if old, ok := seen[id]; !ok || at.Before(old) {
+					seen[id] = at
+				}
+			}
+			skipped += w.skipped
+			w.mu.Unlock()
+		}
+		if skipped > 0 {
+			b.Fatalf("%s: memcached's watch log skipped %d lines; the figures would be incomplete", dc, skipped)
+		}
+		missing := 0
+		for k := range commits {
+			if _, ok := seen[base+int64(k)]; !ok {
+				missing++
+			}
+		}
+		if missing == 0 {
+			lat := make([]time.Duration, 0, len(commits)-warm)
+			for k := warm; k < len(commits); k++ {
+				lat = append(lat, max(seen[base+int64(k)].Sub(commits[k]), 0))
+			}
+			slices.Sort(lat)
+			return lat
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			b.Fatalf("%s: %d of %d keys never purged (a lost invalidation)", dc, missing, len(commits))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
