@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -16,6 +17,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,6 +28,7 @@ import (
 
 	"github.com/pgcache/pgcache/lease"
 	"github.com/pgcache/pgcache/mcpool"
+	"github.com/pgcache/pgcache/sdnotify"
 )
 
 func main() { os.Exit(run()) }
@@ -44,14 +47,18 @@ func run() int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
-	if err := serve(fc, log); err != nil {
+	if err := serve(fc, *path, log); err != nil {
 		log.Error("leaseproxy stopped", zap.Error(err))
 		return 1
 	}
 	return 0
 }
 
-func serve(fc fileConfig, log *zap.Logger) error {
+func serve(fc fileConfig, path string, log *zap.Logger) error {
+	notify, err := sdnotify.FromEnv()
+	if err != nil {
+		log.Warn("systemd notify settings ignored", zap.Error(err))
+	}
 	pool, err := mcpool.New(fc.poolConfig(), log.Named("mcpool"))
 	if err != nil {
 		return err
@@ -88,7 +95,13 @@ func serve(fc fileConfig, log *zap.Logger) error {
 
 	sig, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	g, gctx := errgroup.WithContext(context.Background())
+	// Ends when the drain starts: no more watchdog pings or reloads.
+	running, stopRunning := context.WithCancel(context.Background())
+	defer stopRunning()
 	g.Go(func() error { return srv.Serve(context.Background(), ln) })
 	g.Go(func() error {
 		if err := hsrv.Serve(hln); !errors.Is(err, http.ErrServerClosed) {
@@ -96,12 +109,36 @@ func serve(fc fileConfig, log *zap.Logger) error {
 		}
 		return nil
 	})
+	_ = notify.Ready()
+	_ = notify.Status("serving on " + ln.Addr().String())
+	g.Go(func() error {
+		return notify.RunWatchdog(running, func(ctx context.Context) error { return probe(ctx, ln.Addr().String()) })
+	})
+	g.Go(func() error {
+		for {
+			select {
+			case <-hup:
+				// A reload checks the file; a restart applies it.
+				_ = notify.Reloading()
+				if _, err := loadConfig(path); err != nil {
+					log.Error("reload: config file is invalid; still serving with the one loaded at start", zap.Error(err))
+				} else {
+					log.Info("reload: config file is valid; restart to apply changes", zap.String("config", path))
+				}
+				_ = notify.Ready()
+			case <-running.Done():
+				return nil
+			}
+		}
+	})
 	g.Go(func() error {
 		select {
 		case <-sig.Done():
 			log.Info("draining", zap.Duration("timeout", fc.DrainTimeout))
 		case <-gctx.Done():
 		}
+		_ = notify.Stopping()
+		stopRunning()
 		ctx, cancel := context.WithTimeout(context.Background(), fc.DrainTimeout)
 		defer cancel()
 		err := srv.Drain(ctx)
@@ -114,4 +151,31 @@ func serve(fc fileConfig, log *zap.Logger) error {
 		return nil
 	})
 	return g.Wait()
+}
+
+// probe is the watchdog's health check: the proxy accepts a connection
+// and answers a command on it. A refusal line (too many connections) also
+// proves the accept loop alive; a down memcached pool does not fail it,
+// since a restart would not fix that.
+func probe(ctx context.Context, addr string) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("probe: %w", err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	if _, err := c.Write([]byte("version\r\n")); err != nil {
+		return fmt.Errorf("probe: %w", err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return fmt.Errorf("probe: no answer to version: %w", err)
+	}
+	if !strings.HasPrefix(line, "VERSION ") && !strings.HasPrefix(line, "SERVER_ERROR") {
+		return fmt.Errorf("probe: unexpected answer %q", line)
+	}
+	return nil
 }
