@@ -126,7 +126,9 @@ type Config struct {
 	// and 15s.
 	ReconnectMin, ReconnectMax time.Duration
 	// StandbyRetry is how often a hot standby tries to take the slot
-	// while another process holds it. Zero means 5s.
+	// while another process holds it. Zero means 1s: one refused
+	// START_REPLICATION a second costs the primary little and bounds the
+	// takeover after the holder dies.
 	StandbyRetry time.Duration
 }
 
@@ -137,7 +139,7 @@ const (
 	DefaultStatusInterval = time.Second
 	DefaultReconnectMin   = 200 * time.Millisecond
 	DefaultReconnectMax   = 15 * time.Second
-	DefaultStandbyRetry   = 5 * time.Second
+	DefaultStandbyRetry   = time.Second
 )
 
 // DefaultConfig returns a Config with every default filled in and the
