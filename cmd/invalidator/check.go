@@ -48,7 +48,7 @@ func inspect(ctx context.Context, cfg *Config, rules *keys.Set) (problems []stri
 	if cfg.Postgres.DSN == "" {
 		return nil, "", fmt.Errorf("%w: postgres.dsn is empty", ErrConfig)
 	}
-	tables := rules.Tables()
+	tables := tailTables(cfg, rules)
 	infos, err := wal.Inspect(ctx, cfg.Postgres.DSN, tables)
 	if err != nil {
 		return nil, "", fmt.Errorf("inspect tables: %w", err)
@@ -56,7 +56,19 @@ func inspect(ctx context.Context, cfg *Config, rules *keys.Set) (problems []stri
 	var b strings.Builder
 	for _, t := range infos {
 		need := rules.Columns(t.Name)
-		fmt.Fprintf(&b, "%s: keys use columns %s\n", t.Name, strings.Join(need, ", "))
+		if len(need) > 0 {
+			fmt.Fprintf(&b, "%s: keys use columns %s\n", t.Name, strings.Join(need, ", "))
+		}
+		// Counters need the old group values of a DELETE, and of an
+		// UPDATE that moves a row to another group.
+		if cols := cfg.counters.Columns(t.Name); len(cols) > 0 {
+			fmt.Fprintf(&b, "%s: counters group by columns %s\n", t.Name, strings.Join(cols, ", "))
+			for _, c := range cols {
+				if !slices.Contains(need, c) {
+					need = append(need, c)
+				}
+			}
+		}
 		if !t.Exists {
 			problems = append(problems, fmt.Sprintf("%s: table does not exist", t.Name))
 			fmt.Fprintf(&b, "  MISSING: table does not exist\n")
@@ -74,14 +86,27 @@ func inspect(ctx context.Context, cfg *Config, rules *keys.Set) (problems []stri
 			continue
 		}
 		// UPDATE and DELETE render old values: the replica identity must
-		// send every column a key uses.
+		// send every column a key or a counter's group uses.
 		ok, fix := wal.CheckIdentity(t, need)
 		if !ok {
 			problems = append(problems, fmt.Sprintf("%s: replica identity does not send old values of %s; run: %s", t.Name, strings.Join(need, ", "), fix))
-			fmt.Fprintf(&b, "  REPLICA IDENTITY does not supply old values of every key column; run:\n    %s\n", fix)
+			fmt.Fprintf(&b, "  REPLICA IDENTITY does not supply old values of every key and group column; run:\n    %s\n", fix)
 			continue
 		}
 		fmt.Fprintf(&b, "  ok: replica identity supplies old values\n")
 	}
 	return problems, b.String(), nil
+}
+
+// tailTables are the tables the slot streams: the rules' and the
+// counters' source tables.
+func tailTables(cfg *Config, rules *keys.Set) []string {
+	tables := rules.Tables()
+	for _, t := range cfg.counters.Tables() {
+		if !slices.Contains(tables, t) {
+			tables = append(tables, t)
+		}
+	}
+	slices.Sort(tables)
+	return tables
 }

@@ -6,25 +6,52 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"regexp"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/pgcache/pgcache/batcher"
+
+	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/keys"
 )
 
 // Config is invalidator.yaml. The shape is a user contract: extend it,
 // never rename. Durations are Go durations ("250ms", "30s").
 type Config struct {
-	DC       string         `yaml:"dc"`       // this process's datacenter
-	Postgres PostgresConfig `yaml:"postgres"` // the primary
-	NATS     NATSConfig     `yaml:"nats"`
-	Tail     bool           `yaml:"tail"`  // this process may hold the slot
-	Purge    *PurgeConfig   `yaml:"purge"` // this DC's pool; nil: no purging here
-	Rules    []keys.Rule    `yaml:"rules"`
-	Messages MessagesConfig `yaml:"messages"`
-	Counters []yaml.Node    `yaml:"counters"` // not supported by this build: rejected when present
-	HTTP     HTTPConfig     `yaml:"http"`
+	DC       string          `yaml:"dc"`       // this process's datacenter
+	Postgres PostgresConfig  `yaml:"postgres"` // the primary
+	NATS     NATSConfig      `yaml:"nats"`
+	Tail     bool            `yaml:"tail"`  // this process may hold the slot
+	Purge    *PurgeConfig    `yaml:"purge"` // this DC's pool; nil: no purging here
+	Rules    []keys.Rule     `yaml:"rules"`
+	Messages MessagesConfig  `yaml:"messages"`
+	Counters []counters.Rule `yaml:"counters"` // denormalized counters (see counters.go); need tail: true and messages.prefix
+	// Batcher tunes how counter deltas are batched and where they are stored.
+	Batcher BatcherConfig `yaml:"batcher"`
+	// Increments is the JetStream stream of direct increments for counters
+	// without a source table.
+	Increments IncrementsConfig `yaml:"increments"`
+	HTTP       HTTPConfig       `yaml:"http"`
+
+	counters *counters.Set // compiled by Validate
+}
+
+// BatcherConfig is the batcher: section.
+type BatcherConfig struct {
+	MaxPending      int           `yaml:"max_pending"`      // groups pending before a flush (and backpressure); default 10000
+	Interval        time.Duration `yaml:"interval"`         // longest wait of a delta before its flush; default 100ms
+	Table           string        `yaml:"table"`            // default pgcache_counters
+	CheckpointTable string        `yaml:"checkpoint_table"` // default pgcache_counter_checkpoints
+}
+
+// IncrementsConfig is the increments: section: where applications publish
+// increments of counters without a source table, on subject
+// counters.incr.<counter>.
+type IncrementsConfig struct {
+	Stream    string `yaml:"stream"`    // default COUNTERS; created if missing, capturing counters.incr.>
+	Placement string `yaml:"placement"` // NATS cluster it is created in; default nats.placement
 }
 
 // PostgresConfig names the primary, the slot and the publication.
@@ -111,6 +138,12 @@ func (c *Config) defaults() {
 	if c.NATS.Placement == "" && c.NATS.URL != "" {
 		c.NATS.Placement = c.DC
 	}
+	if c.Increments.Stream == "" {
+		c.Increments.Stream = "COUNTERS"
+	}
+	if c.Increments.Placement == "" {
+		c.Increments.Placement = c.NATS.Placement
+	}
 	if c.HTTP.Listen == "" {
 		c.HTTP.Listen = "127.0.0.1:9187"
 	}
@@ -163,7 +196,31 @@ func (c *Config) Validate() (*keys.Set, error) {
 		}
 	}
 	if len(c.Counters) > 0 {
-		bad("counters: not supported by this build yet (see issue: denormalized counters)")
+		set, err := counters.Compile(c.Counters)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("counters: %w", err))
+		}
+		c.counters = set
+		if !c.Tail {
+			bad("counters: need tail: true (the batcher runs with the tail role)")
+		}
+		if c.Messages.Prefix == "" {
+			bad("counters: need messages.prefix: every flush invalidates the counters' keys with a message under that prefix")
+		}
+		if c.Messages.Prefix == counters.RepairPrefix {
+			bad("messages.prefix %q is reserved for counter repairs", c.Messages.Prefix)
+		}
+		bc := batcher.Config{MaxPending: c.Batcher.MaxPending, Interval: c.Batcher.Interval}
+		if err := bc.Validate(); err != nil {
+			bad("batcher: %v", err)
+		}
+		pc := batcher.PGConfig{DSN: "postgres://x@localhost/x", Table: c.Batcher.Table, CheckpointTable: c.Batcher.CheckpointTable}
+		if err := pc.Validate(); err != nil {
+			bad("batcher: %v", err)
+		}
+		if !streamNameRE.MatchString(c.Increments.Stream) || c.Increments.Stream == c.NATS.Stream {
+			bad("increments.stream %q: want letters, digits, - and _, not the invalidation stream", c.Increments.Stream)
+		}
 	}
 	rules, err := keys.Compile(c.Rules)
 	if err != nil {
@@ -174,6 +231,8 @@ func (c *Config) Validate() (*keys.Set, error) {
 	}
 	return rules, nil
 }
+
+var streamNameRE = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
 
 // redact hides a DSN's password in an error from url.Parse, which quotes
 // the whole URL.

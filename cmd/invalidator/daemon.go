@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/keys"
 	"github.com/pgcache/pgcache/mcpool"
 	"github.com/pgcache/pgcache/purge"
@@ -225,9 +226,13 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 	wc.DSN = d.cfg.Postgres.DSN
 	wc.Slot = d.cfg.Postgres.Slot
 	wc.Publication = d.cfg.Postgres.Publication
-	wc.Tables = d.rules.Tables()
+	wc.Tables = tailTables(d.cfg, d.rules)
+	wc.MessagePrefixes = nil
 	if d.cfg.Messages.Prefix != "" {
 		wc.MessagePrefixes = []string{d.cfg.Messages.Prefix}
+	}
+	if d.cfg.counters.Len() > 0 {
+		wc.MessagePrefixes = append(wc.MessagePrefixes, counters.RepairPrefix)
 	}
 	stream, err := wal.New(wc, log.Named("wal"))
 	if err != nil {
@@ -244,25 +249,55 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 	if _, err := bus.EnsureStream(sctx, js, bus.StreamConfig{Name: d.cfg.NATS.Stream, Placement: d.cfg.NATS.Placement}); err != nil {
 		return err
 	}
+	// With counters, the slot is confirmed up to the minimum of what
+	// JetStream acked and what the batcher committed.
+	onDurable := func(lsn uint64) { stream.Confirm(pglogrepl.LSN(lsn)) }
+	var ctr *counterRun
+	if d.cfg.counters.Len() > 0 {
+		ctr, err = d.setupCounters(sctx, stream)
+		if err != nil {
+			return err
+		}
+		onDurable = ctr.conf.busDurable
+	}
 	pcfg := bus.DefaultPublisherConfig()
 	pcfg.Origin = d.cfg.DC
 	pcfg.Stream.Name = d.cfg.NATS.Stream
-	pub, err := bus.NewPublisher(js, pcfg, log.Named("bus"), func(lsn uint64) { stream.Confirm(pglogrepl.LSN(lsn)) })
+	pub, err := bus.NewPublisher(js, pcfg, log.Named("bus"), onDurable)
 	if err != nil {
+		if ctr != nil {
+			ctr.pg.Close()
+		}
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	d.registerTail(stream, pub)
-	h := tail.NewHandler(d.rules, pub, tail.NewMetrics(d.reg), log)
+	th := tail.NewHandler(d.rules, pub, tail.NewMetrics(d.reg), log)
+	var h wal.Handler = th
+	if ctr != nil {
+		h = fanout{tail: th, ctr: &counterHandler{set: ctr.set, b: ctr.b, m: ctr.m, log: log.Named("counters")}}
+		d.startCounters(soft, hard, g, js, ctr, stream)
+	}
 	g.Go(func() error { return pub.Run(hard) })
 	g.Go(func() error {
 		// Reading stops on soft stop; then every batch is published
-		// and acked, and the last LSN confirmed to Postgres.
-		err := stream.Run(soft, h)
+		// and acked, every counter delta flushed, and the last LSN
+		// confirmed to Postgres.
+		var err error
+		if ctr != nil {
+			err = ctr.runStream(soft, stream, h, log)
+		} else {
+			err = stream.Run(soft, h)
+		}
 		if err != nil && !errors.Is(err, context.Canceled) {
 			return fmt.Errorf("wal: %w", err)
 		}
 		if derr := pub.Drain(hard); derr != nil {
 			return derr
+		}
+		if ctr != nil {
+			if derr := ctr.b.Drain(hard); derr != nil {
+				return fmt.Errorf("counters: %w", derr)
+			}
 		}
 		return d.confirmFinal(hard, stream)
 	})

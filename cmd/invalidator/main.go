@@ -5,6 +5,7 @@
 //
 //	invalidator -config invalidator.yaml
 //	invalidator check -config invalidator.yaml
+//	invalidator repair -config invalidator.yaml -counter NAME [-group V]...
 package main
 
 import (
@@ -36,6 +37,9 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	sub := ""
+	if len(args) > 0 && args[0] == "repair" {
+		return runRepair(args[1:], stdout, stderr)
+	}
 	if len(args) > 0 && args[0] == "check" {
 		sub, args = "check", args[1:]
 	}
