@@ -115,8 +115,8 @@ func TestUnitSettings(t *testing.T) {
 	want := map[string]map[string]string{
 		"invalidator.service": {
 			"RestartPreventExitStatus": "3", "StateDirectory": "pgcache-invalidator",
-			"EnvironmentFile": "-/etc/pgcache/invalidator.env",
-			"ExecStart":       binDir + "invalidator -config /etc/pgcache/invalidator.yaml -drain-timeout 30s",
+			"EnvironmentFile": "-/etc/pgcache/invalidator.env", "ExecReload": "/bin/kill -HUP $MAINPID",
+			"ExecStart": binDir + "invalidator -config /etc/pgcache/invalidator.yaml -drain-timeout 30s",
 		},
 		"leaseproxy.service": {
 			"ExecReload": "/bin/kill -HUP $MAINPID", "EnvironmentFile": "-/etc/pgcache/leaseproxy.env",

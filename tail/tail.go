@@ -8,6 +8,7 @@ package tail
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,6 +57,7 @@ type Handler struct {
 	m     *Metrics
 	log   *zap.Logger
 	buf   []string
+	next  atomic.Pointer[keys.Set] // rules from a reload, taken at the next transaction
 }
 
 // NewHandler returns a handler that renders keys with rules.
@@ -66,12 +68,20 @@ func NewHandler(rules *keys.Set, pub Publisher, m *Metrics, log *zap.Logger) *Ha
 	return &Handler{rules: rules, pub: pub, m: m, log: log}
 }
 
-// SetRules replaces the rules; call it from wal's goroutine or between
-// transactions only (config reload).
-func (h *Handler) SetRules(r *keys.Set) { h.rules = r }
+// SetRules replaces the rules from any goroutine (a config reload). They
+// apply from the next transaction on: a transaction never mixes two sets.
+func (h *Handler) SetRules(r *keys.Set) { h.next.Store(r) }
+
+// takeRules switches to rules set by SetRules, between transactions.
+func (h *Handler) takeRules() {
+	if r := h.next.Swap(nil); r != nil {
+		h.rules = r
+	}
+}
 
 // Begin implements wal.Handler.
 func (h *Handler) Begin(_ context.Context, tx wal.TxInfo) error {
+	h.takeRules()
 	h.pub.BeginTx(uint64(tx.CommitLSN), tx.CommitTime)
 	return nil
 }

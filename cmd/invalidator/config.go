@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -69,6 +70,20 @@ type NATSConfig struct {
 	// Placement is the NATS cluster the stream is created in when missing;
 	// default: this DC.
 	Placement string `yaml:"placement"`
+	// Creds is a NATS credentials file (user JWT and nkey seed); NKey is
+	// an nkey seed file. At most one of them. A user and password go in
+	// the URL, best as ${VARIABLES} (see LoadConfig).
+	Creds string    `yaml:"creds"`
+	NKey  string    `yaml:"nkey"`
+	TLS   TLSConfig `yaml:"tls"`
+}
+
+// TLSConfig is a client's TLS: CA verifies the server; Cert and Key (both
+// or neither) authenticate the client.
+type TLSConfig struct {
+	CA   string `yaml:"ca"`
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
 }
 
 // PurgeConfig is this DC's pool and how to apply keys to it.
@@ -97,7 +112,10 @@ type HTTPConfig struct {
 var ErrConfig = errors.New("invalidator: bad config")
 
 // LoadConfig reads and validates a config file. Unknown fields are errors,
-// so a misspelt key never silently does nothing.
+// so a misspelt key never silently does nothing. ${NAME} anywhere in the
+// file is replaced by the environment variable NAME (an unset one is an
+// error), so that secrets (a DSN's password, a NATS password) can live in
+// the unit's EnvironmentFile instead of the file.
 func LoadConfig(path string) (*Config, *keys.Set, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -106,8 +124,32 @@ func LoadConfig(path string) (*Config, *keys.Set, error) {
 	return ParseConfig(data)
 }
 
-// ParseConfig parses, defaults and validates a config.
+var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
+
+// expandEnv replaces ${NAME} with the environment variable's value.
+func expandEnv(data []byte) ([]byte, error) {
+	var missing []string
+	out := envRef.ReplaceAllFunc(data, func(ref []byte) []byte {
+		name := string(ref[2 : len(ref)-1])
+		v, ok := os.LookupEnv(name)
+		if !ok {
+			missing = append(missing, name)
+		}
+		return []byte(v)
+	})
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("%w: environment variables not set: %s", ErrConfig, strings.Join(missing, ", "))
+	}
+	return out, nil
+}
+
+// ParseConfig expands ${NAME} references, then parses, defaults and
+// validates a config.
 func ParseConfig(data []byte) (*Config, *keys.Set, error) {
+	data, err := expandEnv(data)
+	if err != nil {
+		return nil, nil, err
+	}
 	var c Config
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
@@ -177,6 +219,12 @@ func (c *Config) Validate() (*keys.Set, error) {
 		if len(c.Rules) == 0 && c.Messages.Prefix == "" {
 			bad("tail: true with no rules and no messages.prefix: nothing to invalidate")
 		}
+	}
+	if c.NATS.Creds != "" && c.NATS.NKey != "" {
+		bad("nats: creds and nkey are exclusive")
+	}
+	if (c.NATS.TLS.Cert == "") != (c.NATS.TLS.Key == "") {
+		bad("nats.tls: cert and key go together")
 	}
 	if !c.Tail && c.Purge == nil {
 		bad("neither tail nor purge is configured: nothing to do")

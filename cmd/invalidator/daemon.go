@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 	"github.com/pgcache/pgcache/keys"
 	"github.com/pgcache/pgcache/mcpool"
 	"github.com/pgcache/pgcache/purge"
+	"github.com/pgcache/pgcache/sdnotify"
 	"github.com/pgcache/pgcache/tail"
 	"github.com/pgcache/pgcache/wal"
 )
@@ -34,18 +36,23 @@ var errSlotGone = wal.ErrSlotGone
 
 // daemon is one invalidator process: the tail role, the purge role, or both.
 type daemon struct {
-	cfg   *Config
-	rules *keys.Set
-	log   *zap.Logger
-	reg   *prometheus.Registry
+	cfg     *Config
+	log     *zap.Logger
+	reg     *prometheus.Registry
+	notify  *sdnotify.Notifier // systemd; a no-op outside it
+	reloads *reloadMetrics
+
+	mu    sync.Mutex    // guards rules and tail
+	rules *keys.Set     // replaced by Reload
+	tail  *tail.Handler // set once the tail role runs
 
 	ready atomic.Bool
 }
 
-func newDaemon(cfg *Config, rules *keys.Set, log *zap.Logger) (*daemon, error) {
+func newDaemon(cfg *Config, rules *keys.Set, log *zap.Logger, notify *sdnotify.Notifier) (*daemon, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &daemon{cfg: cfg, rules: rules, log: log, reg: reg}, nil
+	return &daemon{cfg: cfg, rules: rules, log: log, reg: reg, notify: notify, reloads: newReloadMetrics(reg)}, nil
 }
 
 // Run runs until soft ends (then drains: stop reading the WAL, publish and
@@ -89,6 +96,12 @@ func (d *daemon) Run(soft, hard context.Context) error {
 		}
 	}
 	d.ready.Store(true)
+	// Ready once the slot and publication, the stream and the pool are
+	// set up (a hot standby is ready while it waits for the slot). The
+	// watchdog pings stop when the drain starts.
+	_ = d.notify.Ready()
+	_ = d.notify.Status(fmt.Sprintf("dc %s: tail %t, purge %t", d.cfg.DC, d.cfg.Tail, d.cfg.Purge != nil))
+	g.Go(func() error { return d.notify.RunWatchdog(soft, d.healthy) })
 	err = g.Wait()
 	d.ready.Store(false)
 	return err
@@ -123,19 +136,46 @@ func (d *daemon) connectNATS(ctx context.Context) (*nats.Conn, func(), error) {
 		d.log.Info("embedded NATS server started", zap.String("store", o.StoreDir))
 	}
 	log := d.log.Named("nats")
-	nc, err := nats.Connect(url,
+	auth, err := natsAuth(d.cfg.NATS)
+	if err != nil {
+		stop()
+		return nil, nil, err
+	}
+	nc, err := nats.Connect(url, append(auth,
 		nats.Name("invalidator-"+d.cfg.DC),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250*time.Millisecond),
 		nats.RetryOnFailedConnect(true),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("disconnected", zap.Error(err)) }),
 		nats.ReconnectHandler(func(*nats.Conn) { log.Info("reconnected") }),
-	)
+	)...)
 	if err != nil {
 		stop()
 		return nil, nil, fmt.Errorf("connect to nats: %w", err)
 	}
 	return nc, stop, nil
+}
+
+// natsAuth turns nats.creds, nats.nkey and nats.tls into options.
+func natsAuth(c NATSConfig) ([]nats.Option, error) {
+	var opts []nats.Option
+	if c.Creds != "" {
+		opts = append(opts, nats.UserCredentials(c.Creds))
+	}
+	if c.NKey != "" {
+		o, err := nats.NkeyOptionFromSeed(c.NKey)
+		if err != nil {
+			return nil, fmt.Errorf("%w: nats.nkey: %w", ErrConfig, err)
+		}
+		opts = append(opts, o)
+	}
+	if c.TLS.CA != "" {
+		opts = append(opts, nats.RootCAs(c.TLS.CA))
+	}
+	if c.TLS.Cert != "" {
+		opts = append(opts, nats.ClientCert(c.TLS.Cert, c.TLS.Key))
+	}
+	return opts, nil
 }
 
 func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
@@ -226,7 +266,8 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 	wc.DSN = d.cfg.Postgres.DSN
 	wc.Slot = d.cfg.Postgres.Slot
 	wc.Publication = d.cfg.Postgres.Publication
-	wc.Tables = tailTables(d.cfg, d.rules)
+	rules := d.currentRules()
+	wc.Tables = tailTables(d.cfg, rules)
 	wc.MessagePrefixes = nil
 	if d.cfg.Messages.Prefix != "" {
 		wc.MessagePrefixes = []string{d.cfg.Messages.Prefix}
@@ -240,7 +281,7 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 	}
 	sctx, cancel := context.WithTimeout(hard, 30*time.Second)
 	defer cancel()
-	if err := Verify(sctx, d.cfg, d.rules); err != nil {
+	if err := Verify(sctx, d.cfg, rules); err != nil {
 		return err
 	}
 	if err := stream.Setup(sctx); err != nil {
@@ -271,7 +312,13 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	d.registerTail(stream, pub)
-	th := tail.NewHandler(d.rules, pub, tail.NewMetrics(d.reg), log)
+	th := tail.NewHandler(rules, pub, tail.NewMetrics(d.reg), log)
+	d.mu.Lock()
+	d.tail = th
+	if d.rules != rules { // a reload came in meanwhile
+		th.SetRules(d.rules)
+	}
+	d.mu.Unlock()
 	var h wal.Handler = th
 	if ctr != nil {
 		h = fanout{tail: th, ctr: &counterHandler{set: ctr.set, b: ctr.b, m: ctr.m, log: log.Named("counters")}}

@@ -21,6 +21,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/pgcache/pgcache/sdnotify"
 )
 
 // Exit codes.
@@ -71,6 +73,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return exitConfig
 	}
 	defer func() { _ = log.Sync() }()
+	notify, err := sdnotify.FromEnv()
+	if err != nil {
+		log.Warn("systemd notify settings ignored", zap.Error(err))
+	}
 
 	// First SIGTERM/SIGINT: drain. Second, or the drain timeout: hard stop.
 	soft, stopSoft := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -79,6 +85,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stopHard()
 	go func() {
 		<-soft.Done()
+		_ = notify.Stopping()
+		_ = notify.Status("draining")
 		stopSoft()
 		log.Info("draining; send the signal again to stop at once", zap.Duration("timeout", *drain))
 		again := make(chan os.Signal, 1)
@@ -92,7 +100,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		stopHard()
 	}()
 
-	d, err := newDaemon(cfg, rules, log)
+	d, err := newDaemon(cfg, rules, log, notify)
 	if err != nil {
 		log.Error("cannot start", zap.Error(err))
 		if errors.Is(err, ErrConfig) {
@@ -100,12 +108,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return exitError
 	}
+	// SIGHUP: reload the rules (see daemon.Reload).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				_ = notify.Reloading()
+				_ = d.Reload(soft, *path)
+				_ = notify.Ready()
+			case <-soft.Done():
+				return
+			}
+		}
+	}()
 	err = d.Run(soft, hard)
 	switch {
 	case err == nil:
 		log.Info("stopped")
 		return exitOK
 	case errors.Is(err, errSlotGone):
+		_ = notify.Status("replication slot gone: caches may be stale; operator action needed (RUNBOOK: recovering from a dropped slot)")
 		log.Error("replication slot is gone; caches may be stale", zap.Error(err))
 		return exitSlotGone
 	case errors.Is(err, ErrConfig):
