@@ -170,8 +170,8 @@ func (c *conn) backendError(b []byte, err error) []byte {
 	return appendLine(b, errorReply(err))
 }
 
-// retrieve answers get, gets, gat and gats. Keys are read in parallel and
-// answered in request order. A key whose server fails is a miss: the
+// retrieve answers get, gets, gat and gats. The keys of a multi-key
+// command are read together (see getMany) and answered in request order. A key whose server fails is a miss: the
 // other keys are unaffected.
 func (c *conn) retrieve(ctx context.Context, b []byte, cmd *Command) []byte {
 	s := c.s
@@ -181,29 +181,38 @@ func (c *conn) retrieve(ctx context.Context, b []byte, cmd *Command) []byte {
 	if touch {
 		s.st.cmdTouch.Add(uint64(len(cmd.Keys)))
 	}
-	one := func(key string) getResult {
-		r, err := s.l.get(ctx, key)
-		if err != nil {
-			s.st.backendErrors.Add(1)
-			return getResult{}
-		}
-		if touch && r.found && !r.stale {
-			cas, ok, err := c.rewrite(ctx, key, &r.item, cmd.Exptime)
-			if err == nil && ok {
-				r.item.cas = cas
-			}
-		}
-		return r
-	}
 	if len(cmd.Keys) == 1 {
-		r := one(cmd.Keys[0])
+		r := c.getOne(ctx, cmd.Keys[0], touch, cmd.Exptime)
 		b = c.appendResult(b, cmd.Keys[0], &r, withCAS)
 		return append(b, rEnd...)
 	}
-	results := make([]getResult, len(cmd.Keys))
+	results := c.getMany(ctx, cmd.Keys, touch, cmd.Exptime)
+	for i := range results {
+		b = c.appendResult(b, cmd.Keys[i], &results[i], withCAS)
+	}
+	return append(b, rEnd...)
+}
+
+// getMany reads the keys of a multi-key retrieval command: pipelined
+// when the backend can, else in parallel (MultiGetParallel at a time).
+func (c *conn) getMany(ctx context.Context, keys []string, touch bool, exptime int64) []getResult {
+	s := c.s
+	results := make([]getResult, len(keys))
+	errs := make([]error, len(keys))
+	if s.l.getMulti(ctx, keys, results, errs) {
+		for i := range results {
+			if errs[i] != nil {
+				s.st.backendErrors.Add(1)
+				results[i] = getResult{}
+				continue
+			}
+			c.touchResult(ctx, keys[i], &results[i], touch, exptime)
+		}
+		return results
+	}
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for w := min(len(cmd.Keys), s.cfg.MultiGetParallel); w > 0; w-- {
+	for w := min(len(keys), s.cfg.MultiGetParallel); w > 0; w-- {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -212,15 +221,34 @@ func (c *conn) retrieve(ctx context.Context, b []byte, cmd *Command) []byte {
 				if i >= len(results) {
 					return
 				}
-				results[i] = one(cmd.Keys[i])
+				results[i] = c.getOne(ctx, keys[i], touch, exptime)
 			}
 		}()
 	}
 	wg.Wait()
-	for i := range results {
-		b = c.appendResult(b, cmd.Keys[i], &results[i], withCAS)
+	return results
+}
+
+// getOne reads key for a retrieval command; with touch, a value found
+// fresh gets exptime. A key whose server fails is a miss.
+func (c *conn) getOne(ctx context.Context, key string, touch bool, exptime int64) getResult {
+	r, err := c.s.l.get(ctx, key)
+	if err != nil {
+		c.s.st.backendErrors.Add(1)
+		return getResult{}
 	}
-	return append(b, rEnd...)
+	c.touchResult(ctx, key, &r, touch, exptime)
+	return r
+}
+
+// touchResult gives a value found fresh the new exptime, for gat and gats.
+func (c *conn) touchResult(ctx context.Context, key string, r *getResult, touch bool, exptime int64) {
+	if touch && r.found && !r.stale {
+		cas, ok, err := c.rewrite(ctx, key, &r.item, exptime)
+		if err == nil && ok {
+			r.item.cas = cas
+		}
+	}
 }
 
 func (c *conn) appendResult(b []byte, key string, r *getResult, withCAS bool) []byte {

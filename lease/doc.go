@@ -79,11 +79,13 @@
 // NOT_STORED), though delete still removes it, which refuses the lease's
 // fill. That costs them one more round trip while leases are on.
 //
-// Keys may hold any byte but space, CR, LF and NUL, as with memcached.
-// Keys with other control bytes (memcaslap's) are sent to memcached in
-// base64 with the b flag, because mcpool sends printable keys only; the
-// pool then places them by their base64 form, consistently across
-// leaseproxies but not where nutcracker would put the raw key.
+// Keys are 1 to 250 bytes and may hold any byte but space, CR, LF and
+// NUL: memcached 1.6.18 stores keys with other control bytes (memcaslap's
+// start with 0x10), though protocol.txt says keys hold none, and so does
+// nutcracker; refusing them would break such clients. mcpool sends them in
+// base64 with the meta protocol's b flag (as written when too long for
+// base64, which memcached also accepts) and places them by their raw
+// bytes, where nutcracker, libmemcached and the purger put them too.
 //
 // Known limits: a real value of 0 bytes with client flags 0 that another
 // client is refreshing through mg R looks like an empty lease item, so

@@ -387,3 +387,81 @@ func TestFillWithAdd(t *testing.T) {
 		t.Errorf("got %q (found %v); want %q", v, ok, "v")
 	}
 }
+
+// TestMultiGetLeases: a multi-key get through the pool (pipelined reads)
+// answers hits, takes one lease per missed key even when the key is named
+// twice (the second mention does not wait for the client's own lease),
+// and a key leased by another client waits for its fill, whether the
+// reader finds the lease in memcached or joins a wait already under way
+// on this proxy.
+func TestMultiGetLeases(t *testing.T) {
+	addrs, _ := memcachedAddrs(t, 2)
+	p := startProxy(t, testConfig(), addrs)
+	a, b, c := dial(t, p.Addr), dial(t, p.Addr), dial(t, p.Addr)
+	line := "get"
+	want := map[string]string{}
+	for i := 0; i < 20; i++ {
+		k := fmt.Sprintf("mget:hit:%d", i)
+		if r := a.set(k, "v"+k); r != "STORED" {
+			t.Fatalf("set %s: %q", k, r)
+		}
+		want[k] = "v" + k
+		line += " " + k
+		if i%5 == 0 {
+			line += " mget:miss:1 mget:miss:2"
+		}
+	}
+	vs, err := a.get(line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vs) != 20 {
+		t.Fatalf("got %d values; want the 20 hits", len(vs))
+	}
+	for i, v := range vs {
+		if k := fmt.Sprintf("mget:hit:%d", i); v.key != k || v.data != want[k] {
+			t.Fatalf("value %d: got %s=%q; want %s=%q (request order)", i, v.key, v.data, k, want[k])
+		}
+	}
+	if st := p.Stats(); st.LeaseWins != 2 || st.LeaseWaits != 0 {
+		t.Fatalf("got %d lease wins, %d waits; want 2 wins (one per missed key), 0 waits", st.LeaseWins, st.LeaseWaits)
+	}
+
+	// b finds a's lease in memcached and waits; c then joins b's wait.
+	type reply struct {
+		vs  []value
+		err error
+	}
+	bDone, cDone := make(chan reply, 1), make(chan reply, 1)
+	go func() {
+		vs, err := b.get("get mget:hit:0 mget:miss:1")
+		bDone <- reply{vs, err}
+	}()
+	for deadline := time.Now().Add(30 * time.Second); p.l.nflights.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("b never waited for mget:miss:1")
+		}
+	}
+	go func() {
+		vs, err := c.get("get mget:miss:1 mget:hit:1 mget:miss:1")
+		cDone <- reply{vs, err}
+	}()
+	for deadline := time.Now().Add(30 * time.Second); p.Stats().LeaseWaits < 2; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("c never joined the wait: %+v", p.Stats())
+		}
+	}
+	if r := a.set("mget:miss:1", "filled"); r != "STORED" {
+		t.Fatalf("fill: %q", r)
+	}
+	rb, rc := <-bDone, <-cDone
+	if rb.err != nil || len(rb.vs) != 2 || rb.vs[0].data != "vmget:hit:0" || rb.vs[1].key != "mget:miss:1" || rb.vs[1].data != "filled" {
+		t.Fatalf("b got %+v, %v; want mget:hit:0 and the filled mget:miss:1", rb.vs, rb.err)
+	}
+	if rc.err != nil || len(rc.vs) != 3 || rc.vs[0].data != "filled" || rc.vs[1].data != "vmget:hit:1" || rc.vs[2].data != "filled" {
+		t.Fatalf("c got %+v, %v; want filled, mget:hit:1, filled", rc.vs, rc.err)
+	}
+	if st := p.Stats(); st.LeaseWins != 2 || st.Fills != 1 {
+		t.Fatalf("got %d wins, %d fills; want 2 wins, 1 fill", st.LeaseWins, st.Fills)
+	}
+}

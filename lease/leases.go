@@ -79,6 +79,9 @@ type leaser struct {
 	st   *counters
 	now  func() time.Time
 	nTTL string // "N<seconds>"
+	// getFlags are the flags of a read that may take a lease, made once:
+	// a variadic literal would be allocated per read.
+	getFlags []string
 
 	mu sync.Mutex // guards records, queue, qhead, flights, stopped
 	// records maps a key to the lease handed out for it.
@@ -113,6 +116,7 @@ func newLeaser(cfg LeaseConfig, be Backend, log *zap.Logger, st *counters) *leas
 	}
 	if cfg.TTL > 0 {
 		l.nTTL = "N" + strconv.FormatInt(cfg.ttlSeconds(), 10)
+		l.getFlags = []string{"v", "f", "c", l.nTTL}
 		l.wg.Add(1)
 		go l.sweeper()
 	}
@@ -146,19 +150,100 @@ func itemOf(r *mcpool.Response) item {
 // client is to fill), a stale value, or the winner's value after a wait.
 func (l *leaser) get(ctx context.Context, key string) (getResult, error) {
 	if !l.enabled() {
-		return l.plainGet(ctx, key)
+		resp, err := l.be.MetaGet(ctx, key, plainGetFlags...)
+		return l.plainResult(ctx, key, &resp, err)
 	}
 	start := l.now()
-	if l.nflights.Load() > 0 {
-		l.mu.Lock()
-		if f := l.flights[key]; f != nil {
-			w := l.joinLocked(f)
-			l.mu.Unlock()
-			return l.wait(ctx, key, f, w, start), nil
-		}
-		l.mu.Unlock()
+	if f, w := l.joinFlight(key); f != nil {
+		return l.wait(ctx, key, f, w, start), nil
 	}
-	resp, err := l.be.MetaGet(ctx, key, "v", "f", "c", l.nTTL)
+	resp, err := l.be.MetaGet(ctx, key, l.getFlags...)
+	return l.result(ctx, key, &resp, err, start)
+}
+
+// multiGetter is a Backend that pipelines the reads of many keys
+// (*mcpool.Pool, hence PoolBackend, is one).
+type multiGetter interface {
+	MetaGetMulti(ctx context.Context, keys []string, flags ...string) ([]mcpool.Response, []error)
+}
+
+// getMulti reads keys as get reads each, into out and errs, when the
+// Backend pipelines reads (ok false: it does not, nothing was done). The
+// reads of the keys nobody on this proxy waits for go out together, one
+// write per server. Waits that follow count from one start, so together
+// they last at most Wait. A key named twice gets its first read's result:
+// a second mg would see the first one's lease.
+func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, errs []error) (ok bool) {
+	mg, ok := l.be.(multiGetter)
+	if !ok {
+		return false
+	}
+	first := make(map[string]int, len(keys))
+	type joined struct {
+		f *flight
+		w *waiter
+	}
+	var waits map[int]joined
+	send := make([]string, 0, len(keys))
+	idx := make([]int, 0, len(keys)) // position in keys of each sent key
+	start := l.now()
+	for i, k := range keys {
+		if _, dup := first[k]; dup {
+			continue
+		}
+		first[k] = i
+		if l.enabled() {
+			if f, w := l.joinFlight(k); f != nil {
+				if waits == nil {
+					waits = make(map[int]joined)
+				}
+				waits[i] = joined{f, w}
+				continue
+			}
+		}
+		send = append(send, k)
+		idx = append(idx, i)
+	}
+	flags := plainGetFlags
+	if l.enabled() {
+		flags = l.getFlags
+	}
+	resps, rerrs := mg.MetaGetMulti(ctx, send, flags...)
+	for j, i := range idx {
+		if l.enabled() {
+			out[i], errs[i] = l.result(ctx, keys[i], &resps[j], rerrs[j], start)
+		} else {
+			out[i], errs[i] = l.plainResult(ctx, keys[i], &resps[j], rerrs[j])
+		}
+	}
+	for i, k := range keys {
+		if j, ok := waits[i]; ok {
+			out[i] = l.wait(ctx, k, j.f, j.w, start)
+		} else if f := first[k]; f != i {
+			out[i], errs[i] = out[f], errs[f]
+		}
+	}
+	return true
+}
+
+// joinFlight makes the caller a waiter of key's flight, if there is one.
+func (l *leaser) joinFlight(key string) (*flight, *waiter) {
+	if l.nflights.Load() == 0 {
+		return nil, nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if f := l.flights[key]; f != nil {
+		return f, l.joinLocked(f)
+	}
+	return nil, nil
+}
+
+// result is what a client gets for key given the response to the read
+// that may take a lease (mg v f c N<ttl>): a hit, a miss that won the
+// lease (the client is to fill), a stale value, or the winner's value
+// after a wait.
+func (l *leaser) result(ctx context.Context, key string, resp *mcpool.Response, err error, start time.Time) (getResult, error) {
 	if err != nil {
 		return getResult{}, err
 	}
@@ -168,16 +253,16 @@ func (l *leaser) get(ctx context.Context, key string) (getResult, error) {
 	}
 	switch {
 	case resp.Win:
-		l.won(ctx, key, &resp)
+		l.won(ctx, key, resp)
 		return getResult{}, nil
 	case resp.Stale:
-		if l.cfg.Stale && !isStub(&resp) {
+		if l.cfg.Stale && !isStub(resp) {
 			l.st.staleServes.Add(1)
-			return getResult{found: true, item: itemOf(&resp), stale: true}, nil
+			return getResult{found: true, item: itemOf(resp), stale: true}, nil
 		}
-	case resp.Claimed && isStub(&resp):
+	case resp.Claimed && isStub(resp):
 	default:
-		return getResult{found: true, item: itemOf(&resp)}, nil
+		return getResult{found: true, item: itemOf(resp)}, nil
 	}
 	// Another client holds the lease: wait for its value.
 	if l.cfg.Wait <= 0 {
@@ -202,11 +287,13 @@ func (l *leaser) get(ctx context.Context, key string) (getResult, error) {
 	return l.wait(ctx, key, f, w, start), nil
 }
 
-// plainGet is a read with leases off. A stale item is a miss; if the read
-// took its refill token (memcached gives W to the first reader of a stale
-// item whatever its flags), the token is handed back.
-func (l *leaser) plainGet(ctx context.Context, key string) (getResult, error) {
-	resp, err := l.be.MetaGet(ctx, key, "v", "f", "c")
+var plainGetFlags = []string{"v", "f", "c"}
+
+// plainResult is what a client gets for key from a read with leases off
+// (mg v f c). A stale item is a miss; if the read took its refill token
+// (memcached gives W to the first reader of a stale item whatever its
+// flags), the token is handed back.
+func (l *leaser) plainResult(ctx context.Context, key string, resp *mcpool.Response, err error) (getResult, error) {
 	if err != nil || resp.Status != mcpool.StatusVA {
 		return getResult{}, err
 	}
@@ -216,7 +303,7 @@ func (l *leaser) plainGet(ctx context.Context, key string) (getResult, error) {
 		}
 		return getResult{}, nil
 	}
-	return getResult{found: true, item: itemOf(&resp)}, nil
+	return getResult{found: true, item: itemOf(resp)}, nil
 }
 
 func (l *leaser) joinLocked(f *flight) *waiter {
@@ -297,7 +384,7 @@ func (l *leaser) poll(key string, f *flight) {
 		}
 		l.mu.Unlock()
 		l.st.polls.Add(1)
-		resp, err := l.be.MetaGet(context.Background(), key, "v", "f", "c", l.nTTL)
+		resp, err := l.be.MetaGet(context.Background(), key, l.getFlags...)
 		if err != nil || resp.Status != mcpool.StatusVA {
 			// A server that fails now fails the waiters fast rather than
 			// at the end of their wait.

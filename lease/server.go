@@ -54,7 +54,6 @@ func New(cfg Config, be Backend, log *zap.Logger) (*Server, error) {
 		log = zap.NewNop()
 	}
 	st := newCounters()
-	be = binaryKeys{be}
 	return &Server{
 		cfg:   cfg,
 		be:    be,

@@ -9,7 +9,6 @@ import (
 	"os"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"time"
 )
 
@@ -18,11 +17,11 @@ type ConnConfig struct {
 	// MaxInFlight bounds the requests sent on the connection and not yet
 	// answered. A request beyond it waits for a slot, within its ctx.
 	MaxInFlight int
-	// IOTimeout closes a connection whose write blocks this long, or that
-	// has requests in flight and receives nothing for this long; its
-	// requests then fail with ErrServerDown. Detection takes between one
-	// and two IOTimeouts. It is a liveness check, not a request deadline
-	// (that is the ctx's).
+	// IOTimeout closes a connection whose write blocks for about this
+	// long (half of it to all of it), or that has requests in flight and
+	// receives nothing for this long; its requests then fail with
+	// ErrServerDown. Detection takes between one and two IOTimeouts. It is
+	// a liveness check, not a request deadline (that is the ctx's).
 	IOTimeout time.Duration
 	// MaxValueSize is the largest value, in bytes, accepted in a request
 	// (ErrBadRequest) or a response (ErrProtocol, the connection closes).
@@ -48,50 +47,138 @@ func (c ConnConfig) Validate() error {
 	return nil
 }
 
-// request states
-const (
-	stateQueued    int32 = iota // in the writer's queue
-	stateWritten                // taken by the writer: its response will be read
-	stateAbandoned              // given up by its caller before the writer took it
-)
-
 type result struct {
 	resp Response
 	err  error
 }
 
+// request is one request and, once sent, the place its result is
+// delivered. Requests built by the build functions come from reqPool and
+// go back to it once their caller has read the result (release); a
+// request given up by its caller is left to the garbage collector, as the
+// reader may still deliver to it.
 type request struct {
-	kind  byte
-	quiet bool
-	buf   []byte // wire bytes, with "mn\r\n" after a quiet request
-	err   error  // why the request could not be built
-	state atomic.Int32
-	done  chan result // capacity 1
+	kind   byte
+	quiet  bool
+	pooled bool   // from reqPool: buf and done are reused
+	buf    []byte // wire bytes, with "mn\r\n" after a quiet request
+	err    error  // why the request could not be built
+	done   chan result
 }
 
-func newRequest(kind byte, w builder) *request {
+var reqPool = sync.Pool{New: func() any {
+	return &request{pooled: true, done: make(chan result, 1)}
+}}
+
+// newRequest returns a pooled request whose buf is empty, with room for
+// about size bytes.
+func newRequest(size int) *request {
+	r := reqPool.Get().(*request)
+	if cap(r.buf) < size {
+		r.buf = make([]byte, 0, max(size, 128))
+	}
+	return r
+}
+
+// finish stores what w built into r.
+func (r *request) finish(kind byte, w builder) *request {
 	if w.err != nil {
-		return &request{err: w.err}
+		r.err = w.err
+		return r
 	}
 	if w.quiet {
 		w.b = append(w.b, noopRequest...)
 	}
-	return &request{kind: kind, buf: w.b, quiet: w.quiet}
+	r.kind, r.buf, r.quiet = kind, w.b, w.quiet
+	return r
+}
+
+// release returns r to reqPool. Only the caller that read r's result (or
+// that never sent r) may call it.
+func (r *request) release() {
+	if r == nil || !r.pooled {
+		return
+	}
+	if cap(r.buf) > 4<<10 {
+		r.buf = nil
+	}
+	r.buf, r.err, r.quiet, r.kind = r.buf[:0], nil, false, 0
+	reqPool.Put(r)
+}
+
+// fifo is a queue of requests in wire order.
+type fifo struct {
+	buf     []*request
+	head, n int
+}
+
+func (q *fifo) push(r *request) {
+	if q.n == len(q.buf) {
+		nb := make([]*request, max(16, 2*len(q.buf)))
+		for i := 0; i < q.n; i++ {
+			nb[i] = q.buf[(q.head+i)%len(q.buf)]
+		}
+		q.buf, q.head = nb, 0
+	}
+	q.buf[(q.head+q.n)%len(q.buf)] = r
+	q.n++
+}
+
+func (q *fifo) pop() *request {
+	if q.n == 0 {
+		return nil
+	}
+	r := q.buf[q.head]
+	q.buf[q.head] = nil
+	q.head = (q.head + 1) % len(q.buf)
+	q.n--
+	return r
 }
 
 // Conn is one connection to one memcached server with requests pipelined
 // on it. Its methods are safe for concurrent use. A Conn does not
 // reconnect: once broken (see Done and Err) every call fails with an error
 // wrapping ErrServerDown, and the caller dials again (Pool does this).
+//
+// Writes are combined: a caller appends its request to the write buffer
+// and, when no write is under way, yields once (runtime.Gosched, so that
+// goroutines about to send join in) and writes the buffer itself, with
+// the requests of every caller that joined meanwhile; after two writes it
+// hands what is left to the connection's writer goroutine, so that no
+// caller flushes for others for long. Compared with handing every request
+// to a writer goroutine this saves a goroutine switch per request. When
+// 16 requests pile up while the yielding caller or the writer goroutine
+// has yet to run (thousands of runnable goroutines, as in a herd), the
+// caller that adds the 16th writes them: a write never waits for the
+// scheduler to come round. A reader goroutine matches
+// responses to requests in order and hands each result to its caller.
+// A caller may thus spend up to IOTimeout in a write to a server that
+// stopped reading, whatever its ctx.
 type Conn struct {
 	addr string
 	cfg  ConnConfig
 	nc   net.Conn
 	br   *bufio.Reader
 
-	reqs    chan *request // callers -> writer
-	pending chan *request // writer -> reader, in wire order
-	slots   chan struct{} // a token per request in reqs or pending
+	slots chan struct{} // a token per request sent and not yet answered
+	kick  chan struct{} // hands the flush to the writer goroutine
+
+	mu sync.Mutex // guards the fields up to wdeadline
+	// wbuf holds requests not yet written, in the order of pending.
+	wbuf  []byte
+	spare []byte
+	// pending lists the requests written or in wbuf, in wire order.
+	pending fifo
+	// writing is set while a caller or the writer goroutine is in
+	// flushLocked; yielding while a caller yields before writing; kicked
+	// while the writer goroutine has a flush to take over. nq counts the
+	// requests appended to wbuf since it was last taken.
+	writing, yielding, kicked bool
+	nq                        int
+	// stopped is set, with err, when the connection stops: no request
+	// joins pending after it.
+	stopped   bool
+	wdeadline time.Time // write deadline set on nc
 
 	closing   chan struct{} // closed when the connection stops
 	exited    chan struct{} // closed when both goroutines are gone
@@ -120,9 +207,9 @@ func newConn(nc net.Conn, addr string, cfg ConnConfig) *Conn {
 		cfg:     cfg,
 		nc:      nc,
 		br:      bufio.NewReaderSize(nc, 64<<10),
-		reqs:    make(chan *request, cfg.MaxInFlight),
-		pending: make(chan *request, cfg.MaxInFlight),
 		slots:   make(chan struct{}, cfg.MaxInFlight),
+		kick:    make(chan struct{}, 1),
+		wbuf:    make([]byte, 0, 4<<10),
 		closing: make(chan struct{}),
 		exited:  make(chan struct{}),
 	}
@@ -166,133 +253,190 @@ func (c *Conn) Close() error {
 }
 
 // stop records why the connection stops (the first reason wins), and
-// unblocks both goroutines.
+// unblocks both goroutines and any caller in a write.
 func (c *Conn) stop(err error) {
 	c.closeOnce.Do(func() {
 		if !errors.Is(err, ErrClosed) {
 			err = fmt.Errorf("%w: %s: %w", ErrServerDown, c.addr, err)
 		}
+		c.mu.Lock()
 		c.err = err
+		c.stopped = true
+		c.mu.Unlock()
 		close(c.closing)
 		_ = c.nc.Close()
 	})
 }
 
-// drain fails every request left once both goroutines are gone.
+// drain fails every request left once both goroutines are gone. Nothing
+// joins pending after stop, so this answers every request sent.
 func (c *Conn) drain() {
-	for {
-		select {
-		case r := <-c.pending:
-			r.done <- result{err: c.err}
-		case r := <-c.reqs:
-			if r.state.CompareAndSwap(stateQueued, stateAbandoned) {
-				r.done <- result{err: c.err}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for r := c.pending.pop(); r != nil; r = c.pending.pop() {
+		<-c.slots
+		r.done <- result{err: c.err}
+	}
+}
+
+// maxWriteBuf is the capacity beyond which a write buffer is not kept.
+const maxWriteBuf = 256 << 10
+
+// takeOver is the number of requests waiting in the write buffer at
+// which a caller writes them itself rather than wait for a yielding
+// caller or the writer goroutine to come back: with thousands of
+// goroutines runnable (a herd), that could take long.
+const takeOver = 16
+
+// send appends r to the write buffer and to pending. Unless corked, it
+// then writes the buffer if nobody else is due to: no write under way,
+// no caller yielding, no hand-off pending (or takeOver requests waiting).
+// A corked request waits for flush or the next write. The caller holds
+// one of c.slots. A nil error means r will be answered on r.done.
+func (c *Conn) send(r *request, corked bool) error {
+	c.mu.Lock()
+	if c.stopped {
+		c.mu.Unlock()
+		return c.err
+	}
+	c.wbuf = append(c.wbuf, r.buf...)
+	c.pending.push(r)
+	c.nq++
+	switch {
+	case corked || c.writing:
+	case c.yielding || c.kicked:
+		if c.nq >= takeOver {
+			c.flushLocked(2)
+		}
+	default:
+		// Let callers that are about to send join this write: fewer,
+		// larger writes under load.
+		c.yielding = true
+		c.mu.Unlock()
+		runtime.Gosched()
+		c.mu.Lock()
+		c.yielding = false
+		if !c.writing {
+			c.flushLocked(2)
+		}
+	}
+	c.mu.Unlock()
+	return nil
+}
+
+// flush writes what corked requests left in the write buffer.
+func (c *Conn) flush() {
+	c.mu.Lock()
+	if !c.writing {
+		c.flushLocked(2)
+	}
+	c.mu.Unlock()
+}
+
+// flushLocked writes wbuf until it is empty, unlocking c.mu around each
+// write. After rounds writes (rounds < 0: no limit) it hands the rest to
+// the writer goroutine. c.mu is held and c.writing clear on entry.
+func (c *Conn) flushLocked(rounds int) {
+	c.writing = true
+	defer func() { c.writing = false }()
+	for len(c.wbuf) > 0 && !c.stopped {
+		if rounds == 0 {
+			if !c.kicked {
+				c.kicked = true
+				c.kick <- struct{}{} // never blocks: the writer clears kicked first
 			}
-		default:
+			return
+		}
+		rounds--
+		buf := c.wbuf
+		c.wbuf, c.spare, c.nq = c.spare[:0], nil, 0
+		if now := time.Now(); c.wdeadline.Sub(now) < c.cfg.IOTimeout/2 {
+			c.wdeadline = now.Add(c.cfg.IOTimeout)
+			_ = c.nc.SetWriteDeadline(c.wdeadline)
+		}
+		c.mu.Unlock()
+		_, err := c.nc.Write(buf)
+		c.mu.Lock()
+		if cap(buf) <= maxWriteBuf {
+			c.spare = buf
+		}
+		if err != nil {
+			c.mu.Unlock()
+			c.stop(fmt.Errorf("write: %w", err))
+			c.mu.Lock()
 			return
 		}
 	}
 }
 
-const writeBatch = 64 << 10
-
+// writeLoop takes over flushes that a caller handed off.
 func (c *Conn) writeLoop() {
 	defer c.wg.Done()
-	buf := make([]byte, 0, writeBatch)
 	for {
-		var r *request
 		select {
-		case r = <-c.reqs:
+		case <-c.kick:
 		case <-c.closing:
 			return
 		}
-		buf = buf[:0]
-		yielded := false
-		for r != nil {
-			if r.state.CompareAndSwap(stateQueued, stateWritten) {
-				buf = append(buf, r.buf...)
-				c.pending <- r // never blocks: a slot is held per request
-			} else {
-				<-c.slots // abandoned before it was sent
-			}
-			r = nil
-			if len(buf) < writeBatch {
-				select {
-				case r = <-c.reqs:
-				default:
-					if !yielded {
-						// Let callers that are about to send join this
-						// write: fewer, larger writes under load.
-						yielded = true
-						runtime.Gosched()
-						select {
-						case r = <-c.reqs:
-						default:
-						}
-					}
-				}
-			}
+		c.mu.Lock()
+		c.kicked = false
+		if !c.writing {
+			c.flushLocked(-1)
 		}
-		if len(buf) == 0 {
-			continue
-		}
-		_ = c.nc.SetWriteDeadline(time.Now().Add(c.cfg.IOTimeout))
-		if _, err := c.nc.Write(buf); err != nil {
-			c.stop(fmt.Errorf("write: %w", err))
-			return
-		}
-		if cap(buf) > 4*writeBatch {
-			buf = make([]byte, 0, writeBatch)
-		}
+		c.mu.Unlock()
 	}
+}
+
+func (c *Conn) pendingLen() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pending.n
 }
 
 func (c *Conn) readLoop() {
 	defer c.wg.Done()
 	var deadline time.Time
+	strikes := 0 // timeouts in a row with requests in flight
 	for {
-		var r *request
-		select {
-		case r = <-c.pending:
-		case <-c.closing:
-			return
-		default:
-		}
-		if r == nil {
-			// Idle: wait for data (a response to a request being written
-			// now, or EOF) and wake up now and then to look at pending.
-			deadline = time.Now().Add(c.cfg.IOTimeout)
-			_ = c.nc.SetReadDeadline(deadline)
-			if _, err := c.br.Peek(1); err != nil {
-				if isTimeout(err) {
-					continue
-				}
-				c.stop(fmt.Errorf("read: %w", err))
-				return
-			}
-			select {
-			case r = <-c.pending:
-			case <-c.closing:
-				return
-			default:
-				c.stop(fmt.Errorf("%w: data from the server with no request in flight", ErrProtocol))
-				return
-			}
-		}
 		// Each response gets at least half of IOTimeout; renewing only
 		// then keeps the deadline off the fast path.
 		if now := time.Now(); deadline.Sub(now) < c.cfg.IOTimeout/2 {
 			deadline = now.Add(c.cfg.IOTimeout)
 			_ = c.nc.SetReadDeadline(deadline)
 		}
+		if _, err := c.br.Peek(1); err != nil {
+			if isTimeout(err) {
+				// Idle, or the deadline was set long before the
+				// requests now in flight: try once more.
+				if n := c.pendingLen(); n == 0 || strikes == 0 {
+					if n > 0 {
+						strikes++
+					}
+					deadline = time.Time{}
+					continue
+				}
+			}
+			c.stop(fmt.Errorf("read: %w", err))
+			return
+		}
+		strikes = 0
+		c.mu.Lock()
+		r := c.pending.pop()
+		c.mu.Unlock()
+		if r == nil {
+			c.stop(fmt.Errorf("%w: data from the server with no request in flight", ErrProtocol))
+			return
+		}
 		res, err := c.readOne(r)
 		if err != nil {
-			c.pending <- r // a slot is still held for it: drain answers it
 			c.stop(err)
-			return
+			res = result{err: c.err}
 		}
 		<-c.slots // before the answer, so InFlight is exact once it is seen
 		r.done <- res
+		if err != nil {
+			return
+		}
 	}
 }
 
@@ -338,13 +482,16 @@ func isTimeout(err error) bool {
 	return errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// start queues r. It returns an error when r was not queued. expired, if
-// not nil, is a deadline that applies besides ctx's.
-func (c *Conn) start(ctx context.Context, expired <-chan time.Time, r *request) error {
+// start sends r (see send for corked). It returns an error when r was
+// not sent. expired, if not nil, is a deadline that applies besides
+// ctx's.
+func (c *Conn) start(ctx context.Context, expired <-chan time.Time, r *request, corked bool) error {
 	if r.err != nil {
 		return r.err
 	}
-	r.done = make(chan result, 1)
+	if r.done == nil {
+		r.done = make(chan result, 1)
+	}
 	select {
 	case <-c.closing:
 		return c.err
@@ -352,52 +499,64 @@ func (c *Conn) start(ctx context.Context, expired <-chan time.Time, r *request) 
 	}
 	select {
 	case c.slots <- struct{}{}:
-	case <-ctx.Done():
-		return ctxError(ctx)
-	case <-expired:
-		return errDefaultTimeout
-	case <-c.closing:
-		return c.err
+	default:
+		if corked {
+			// The slots may all be held by this caller's corked
+			// requests: they must go out before a slot can free up.
+			c.flush()
+		}
+		select {
+		case c.slots <- struct{}{}:
+		case <-ctx.Done():
+			return ctxError(ctx)
+		case <-expired:
+			return errDefaultTimeout
+		case <-c.closing:
+			return c.err
+		}
 	}
-	c.reqs <- r // never blocks: reqs has a place per slot
+	if err := c.send(r, corked); err != nil {
+		<-c.slots
+		return err
+	}
 	return nil
 }
 
 // wait returns r's result, or gives up when ctx is done. A request given
-// up after it was written still has its response read and dropped.
-func (c *Conn) wait(ctx context.Context, expired <-chan time.Time, r *request) (Response, error) {
-	var err error
+// up has its response read and dropped; ok is false then, and r must not
+// be released.
+func (c *Conn) wait(ctx context.Context, expired <-chan time.Time, r *request) (resp Response, ok bool, err error) {
 	select {
 	case res := <-r.done:
-		return res.resp, res.err
-	case <-c.exited:
-		// Answered by drain, unless it was queued after drain ran.
-		if r.state.CompareAndSwap(stateQueued, stateAbandoned) {
-			return Response{}, c.err
-		}
-		res := <-r.done
-		return res.resp, res.err
+		return res.resp, true, res.err
+	default:
+	}
+	select {
+	case res := <-r.done:
+		return res.resp, true, res.err
 	case <-ctx.Done():
 		err = ctxError(ctx)
 	case <-expired:
 		err = errDefaultTimeout
 	}
-	if r.state.CompareAndSwap(stateQueued, stateAbandoned) {
-		return Response{}, err
-	}
 	select {
 	case res := <-r.done: // it raced in
-		return res.resp, res.err
+		return res.resp, true, res.err
 	default:
 	}
-	return Response{}, err
+	return Response{}, false, err
 }
 
 func (c *Conn) roundTrip(ctx context.Context, r *request) (Response, error) {
-	if err := c.start(ctx, nil, r); err != nil {
+	if err := c.start(ctx, nil, r, false); err != nil {
+		r.release()
 		return Response{}, err
 	}
-	return c.wait(ctx, nil, r)
+	resp, ok, err := c.wait(ctx, nil, r)
+	if ok {
+		r.release()
+	}
+	return resp, err
 }
 
 // errDefaultTimeout is the error of a request that outlived

@@ -24,11 +24,28 @@
 // # Connections
 //
 // A [Conn] is one TCP connection to one server with many requests in
-// flight: a writer goroutine batches requests into few writes and a reader
+// flight. Writes are combined: a caller appends its request to the
+// connection's buffer and, if no write is under way, yields once (so that
+// callers about to send join it) and writes the buffer itself; a busy
+// writer hands the rest to the connection's writer goroutine. A reader
 // goroutine matches responses to requests in order (memcached answers in
-// order on a connection). A request with the q flag is followed by "mn" so
-// that a suppressed response cannot desynchronise the pipeline. Responses
-// are parsed into [Response] by a parser that never panics (fuzzed).
+// order on a connection) and hands each to its caller. Requests, their
+// buffers and result channels are pooled. A request with the q flag is
+// followed by "mn" so that a suppressed response cannot desynchronise the
+// pipeline. Responses are parsed into [Response] by a parser that never
+// panics (fuzzed).
+//
+// # Keys
+//
+// A key is 1 to 250 bytes without space, CR, LF or NUL: the keys
+// memcached's text protocol stores. Keys with other control bytes (tab,
+// 0x01-0x1f, 0x7f) are sent in base64 with the b flag, as protocol.txt
+// asks, or as written when base64 would exceed 250 bytes (memcached
+// 1.6.18 accepts that too); the item is the one a text-protocol client
+// names with the same bytes, and it is placed by its raw bytes, where
+// nutcracker and libmemcached put it. A caller may send a key in base64
+// itself with the b flag: it goes as written and is placed by its decoded
+// bytes.
 //
 // # Pool
 //
@@ -64,6 +81,7 @@
 //	func New(cfg Config, log *zap.Logger) (*Pool, error)
 //	func (p *Pool) Delete(ctx context.Context, key string) error                       // NF is success
 //	func (p *Pool) MarkStale(ctx context.Context, key string, ttl time.Duration) error // md <key> I T<ttl>
+//	func (p *Pool) MetaGetMulti(ctx context.Context, keys []string, flags ...string) ([]Response, []error) // pipelined
 //	func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error
 //	func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error
 //	func (p *Pool) NoOp(ctx context.Context, server int) error

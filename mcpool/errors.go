@@ -19,8 +19,9 @@ var (
 	// ErrTimeout: the request's deadline passed before its response came.
 	// The request may or may not have been applied.
 	ErrTimeout = errors.New("mcpool: timeout")
-	// ErrBadKey: the key is empty, longer than 250 bytes, or holds a space
-	// or control character. Nothing was sent.
+	// ErrBadKey: the key is empty, longer than 250 bytes, or holds a
+	// space, CR, LF or NUL (which memcached's text protocol cannot carry
+	// either). Nothing was sent.
 	ErrBadKey = errors.New("mcpool: invalid key")
 	// ErrBadRequest: a request or flag is malformed, or a value is larger
 	// than allowed. Nothing was sent.

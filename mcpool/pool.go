@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -139,13 +140,18 @@ type server struct {
 	br    *breaker
 	slots []*connSlot
 	rr    atomic.Uint32
+	// ready is closed once a first connection is up or every slot has
+	// had its first attempt: until then a request waits rather than
+	// fail with "not connected".
+	ready     chan struct{}
+	readyOnce sync.Once
+	firstDone atomic.Int32 // slots that have had their first attempt
 
 	requests, failures, rejected, opens, dials, dialErrs atomic.Uint64
 }
 
 type connSlot struct {
-	conn     atomic.Pointer[Conn]
-	firstTry chan struct{} // closed after the first connection attempt
+	conn atomic.Pointer[Conn]
 }
 
 // New validates cfg, builds the ring and starts connecting in the
@@ -171,15 +177,19 @@ func New(cfg Config, log *zap.Logger) (*Pool, error) {
 		closing: make(chan struct{}),
 	}
 	for i := 0; i < ring.Len(); i++ {
-		s := &server{idx: i, addr: ring.Server(i).Addr}
+		s := &server{idx: i, addr: ring.Server(i).Addr, ready: make(chan struct{})}
 		s.br = newBreaker(cfg.Breaker, p.breakerNotify(s))
 		for j := 0; j < cfg.ConnsPerServer; j++ {
-			slot := &connSlot{firstTry: make(chan struct{})}
-			s.slots = append(s.slots, slot)
+			s.slots = append(s.slots, &connSlot{})
+		}
+		p.servers = append(p.servers, s)
+	}
+	// Every server and slot exists before the first manager runs.
+	for _, s := range p.servers {
+		for _, slot := range s.slots {
 			p.wg.Add(1)
 			go p.manage(s, slot)
 		}
-		p.servers = append(p.servers, s)
 	}
 	return p, nil
 }
@@ -251,8 +261,10 @@ func (p *Pool) manage(s *server, slot *connSlot) {
 			s.dialErrs.Add(1)
 		}
 		if first {
-			close(slot.firstTry)
 			first = false
+			if err == nil || int(s.firstDone.Add(1)) == len(s.slots) {
+				s.readyOnce.Do(func() { close(s.ready) })
+			}
 		}
 		if err != nil {
 			if !pause() {
@@ -282,31 +294,43 @@ func (p *Pool) manage(s *server, slot *connSlot) {
 }
 
 // conn returns a working connection to s, or an ErrServerDown error.
+// Right after New, while no connection to s is up yet and some first
+// attempts are still under way, it waits for them (within ctx).
 func (s *server) conn(ctx context.Context, expired <-chan time.Time) (*Conn, error) {
+	if c := s.pick(); c != nil {
+		return c, nil
+	}
+	select {
+	case <-s.ready:
+	case <-ctx.Done():
+		return nil, ctxError(ctx)
+	case <-expired:
+		return nil, errDefaultTimeout
+	}
+	// Look again even if ready was closed before: the first connection
+	// may have come up since the first look.
+	if c := s.pick(); c != nil {
+		return c, nil
+	}
+	return nil, fmt.Errorf("%w: %s: not connected", ErrServerDown, s.addr)
+}
+
+// pick returns a working connection to s, round robin, or nil.
+func (s *server) pick() *Conn {
 	n := uint32(len(s.slots))
+	if n == 1 {
+		if c := s.slots[0].conn.Load(); c != nil && c.Err() == nil {
+			return c
+		}
+		return nil
+	}
 	start := s.rr.Add(1)
 	for i := uint32(0); i < n; i++ {
 		if c := s.slots[(start+i)%n].conn.Load(); c != nil && c.Err() == nil {
-			return c, nil
+			return c
 		}
 	}
-	// Right after New the first dials may still be under way.
-	slot := s.slots[start%n]
-	select {
-	case <-slot.firstTry:
-	default:
-		select {
-		case <-slot.firstTry:
-			if c := slot.conn.Load(); c != nil && c.Err() == nil {
-				return c, nil
-			}
-		case <-ctx.Done():
-			return nil, ctxError(ctx)
-		case <-expired:
-			return nil, errDefaultTimeout
-		}
-	}
-	return nil, fmt.Errorf("%w: %s: not connected", ErrServerDown, s.addr)
+	return nil
 }
 
 var timerPool sync.Pool
@@ -341,7 +365,7 @@ func timerC(t *time.Timer) <-chan time.Time {
 
 // begin admits a request to server idx and starts it. On success the
 // caller must call finish with the request's outcome.
-func (p *Pool) begin(ctx context.Context, expired <-chan time.Time, s *server, r *request) (c *Conn, probe bool, err error) {
+func (p *Pool) begin(ctx context.Context, expired <-chan time.Time, s *server, r *request, corked bool) (c *Conn, probe bool, err error) {
 	select {
 	case <-p.closing:
 		return nil, false, ErrClosed
@@ -357,7 +381,7 @@ func (p *Pool) begin(ctx context.Context, expired <-chan time.Time, s *server, r
 	}
 	c, err = s.conn(ctx, expired)
 	if err == nil {
-		err = c.start(ctx, expired, r)
+		err = c.start(ctx, expired, r, corked)
 	}
 	if err != nil {
 		p.finish(s, probe, err)
@@ -386,11 +410,15 @@ func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) 
 	t := p.deadline(ctx)
 	defer putTimer(t)
 	s := p.servers[idx]
-	c, probe, err := p.begin(ctx, timerC(t), s, r)
+	c, probe, err := p.begin(ctx, timerC(t), s, r, false)
 	if err != nil {
+		r.release()
 		return Response{}, err
 	}
-	resp, err := c.wait(ctx, timerC(t), r)
+	resp, ok, err := c.wait(ctx, timerC(t), r)
+	if ok {
+		r.release()
+	}
 	p.finish(s, probe, err)
 	return resp, err
 }
@@ -403,30 +431,32 @@ func (p *Pool) Pick(key string) int { return p.ring.Pick(key) }
 
 // MetaGet sends "mg <key> <flags...>" to key's server (see Conn.MetaGet).
 func (p *Pool) MetaGet(ctx context.Context, key string, flags ...string) (Response, error) {
-	return p.exec(ctx, p.ring.Pick(key), buildGet(key, flags))
+	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(flags))), buildGet(key, flags))
 }
 
 // MetaSet sends an ms to key's server (see Conn.MetaSet).
 func (p *Pool) MetaSet(ctx context.Context, key string, value []byte, opt SetOptions) (Response, error) {
-	return p.exec(ctx, p.ring.Pick(key), buildSet(key, value, opt, p.cfg.MaxValueSize))
+	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(opt.Flags))), buildSet(key, value, opt, p.cfg.MaxValueSize))
 }
 
 // MetaDelete sends an md to key's server (see Conn.MetaDelete).
 func (p *Pool) MetaDelete(ctx context.Context, key string, opt DeleteOptions) (Response, error) {
-	return p.exec(ctx, p.ring.Pick(key), buildDelete(key, opt))
+	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(opt.Flags))), buildDelete(key, opt))
 }
 
 // MetaArithmetic sends an ma to key's server (see Conn.MetaArithmetic).
 func (p *Pool) MetaArithmetic(ctx context.Context, key string, opt ArithmeticOptions) (Response, error) {
-	return p.exec(ctx, p.ring.Pick(key), buildArithmetic(key, opt))
+	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(opt.Flags))), buildArithmetic(key, opt))
 }
 
 // Do forwards a meta command to the server of the key it names (see
-// Conn.Do; the key is hashed as written, base64 or not). mn names no key:
+// Conn.Do; a key sent with the b flag is placed by its decoded bytes,
+// as the same key sent as written would be). mn names no key:
 // use NoOp.
 func (p *Pool) Do(ctx context.Context, request, value []byte) (Response, error) {
 	r, key := buildRaw(request, value, p.cfg.MaxValueSize)
 	if r.err != nil {
+		r.release()
 		return Response{}, r.err
 	}
 	if r.kind == kindNop {
@@ -486,6 +516,33 @@ func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Durat
 }
 
 func (p *Pool) multi(ctx context.Context, keys []string, op string, build func(string) *request) []error {
+	errs := make([]error, len(keys))
+	p.pipeline(ctx, keys, false, build, func(i int, resp Response, err error) {
+		errs[i] = deleteResult(op, keys[i], resp, err)
+	}, func(i int, err error) {
+		errs[i] = fmt.Errorf("%s %s: %w", op, keys[i], err)
+	})
+	return errs
+}
+
+// MetaGetMulti sends "mg <key> <flags...>" for every key, pipelined from
+// the calling goroutine with one write per connection, and returns the
+// responses and errors in key order (as MetaGet would for each). All keys
+// share ctx's deadline (or Config.Timeout).
+func (p *Pool) MetaGetMulti(ctx context.Context, keys []string, flags ...string) ([]Response, []error) {
+	resps := make([]Response, len(keys))
+	errs := make([]error, len(keys))
+	p.pipeline(ctx, keys, hasB(flags), func(k string) *request { return buildGet(k, flags) },
+		func(i int, resp Response, err error) { resps[i], errs[i] = resp, err },
+		func(i int, err error) { errs[i] = err })
+	return resps, errs
+}
+
+// pipeline sends a request per key (encoded: the keys are base64, b
+// flag), corked so that each connection gets one write, then collects the
+// answers: done for a request that was sent, failed for one that was not.
+func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build func(string) *request,
+	done func(i int, resp Response, err error), failed func(i int, err error)) {
 	// One context for the batch: a timer's single tick could not end
 	// every wait.
 	if _, ok := ctx.Deadline(); !ok {
@@ -500,27 +557,36 @@ func (p *Pool) multi(ctx context.Context, keys []string, op string, build func(s
 		r     *request
 		probe bool
 	}
-	errs := make([]error, len(keys))
 	inflight := make([]started, len(keys))
+	var conns []*Conn // to flush, each once
 	for i, k := range keys {
-		s := p.servers[p.ring.Pick(k)]
 		r := build(k)
-		c, probe, err := p.begin(ctx, expired, s, r)
+		s := p.servers[p.ring.Pick(placementKey(k, encoded))]
+		c, probe, err := p.begin(ctx, expired, s, r, true)
 		if err != nil {
-			errs[i] = fmt.Errorf("%s %s: %w", op, k, err)
+			r.release()
+			failed(i, err)
 			continue
 		}
 		inflight[i] = started{s, c, r, probe}
+		if !slices.Contains(conns, c) {
+			conns = append(conns, c)
+		}
+	}
+	for _, c := range conns {
+		c.flush()
 	}
 	for i, st := range inflight {
 		if st.c == nil {
 			continue
 		}
-		resp, err := st.c.wait(ctx, expired, st.r)
+		resp, ok, err := st.c.wait(ctx, expired, st.r)
+		if ok {
+			st.r.release()
+		}
 		p.finish(st.s, st.probe, err)
-		errs[i] = deleteResult(op, keys[i], resp, err)
+		done(i, resp, err)
 	}
-	return errs
 }
 
 // BreakerState returns the breaker state of server i.

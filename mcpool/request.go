@@ -2,6 +2,7 @@ package mcpool
 
 import (
 	"bytes"
+	"encoding/base64"
 	"fmt"
 	"strconv"
 	"time"
@@ -86,17 +87,88 @@ const (
 	kindDbg byte = 'e'
 )
 
-// checkKey reports whether key can be sent as a memcached key token.
+// checkKey reports whether key is a key memcached stores: 1 to MaxKeyLen
+// bytes without space, CR, LF or NUL, the bytes its text protocol cannot
+// carry in a key. Other control bytes are allowed, as memcached allows
+// them (see appendKey for how they are sent).
 func checkKey(key string) error {
 	if len(key) == 0 || len(key) > MaxKeyLen {
 		return fmt.Errorf("%w: %d bytes (want 1 to %d)", ErrBadKey, len(key), MaxKeyLen)
 	}
 	for i := 0; i < len(key); i++ {
-		if c := key[i]; c <= ' ' || c == 0x7f {
-			return fmt.Errorf("%w: %q has a space or control character", ErrBadKey, key)
+		switch key[i] {
+		case ' ', '\r', '\n', 0:
+			return fmt.Errorf("%w: %q has a space, CR, LF or NUL", ErrBadKey, key)
 		}
 	}
 	return nil
+}
+
+// printable reports whether key has no space or control byte, the meta
+// protocol's rule for a key sent as written.
+func printable(key string) bool {
+	for i := 0; i < len(key); i++ {
+		if c := key[i]; c <= ' ' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// base64Len is the length of the standard base64 encoding of n bytes.
+func base64Len(n int) int { return (n + 2) / 3 * 4 }
+
+// appendKey appends key as a meta-protocol key token and reports whether
+// it is base64, in which case the request must carry the b flag. A key
+// with a control byte (tab, 0x01-0x1f, 0x7f) is sent in base64, as the
+// protocol asks, when its encoding fits in MaxKeyLen (keys of up to 186
+// bytes); a longer one is sent as written, which memcached 1.6.18 accepts
+// as it does in the text protocol. Either way memcached stores the same
+// item a text-protocol client names with these bytes.
+func appendKey(b []byte, key string) ([]byte, bool) {
+	if printable(key) || base64Len(len(key)) > MaxKeyLen {
+		return append(b, key...), false
+	}
+	const enc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+	i := 0
+	for ; i+3 <= len(key); i += 3 {
+		v := uint(key[i])<<16 | uint(key[i+1])<<8 | uint(key[i+2])
+		b = append(b, enc[v>>18&63], enc[v>>12&63], enc[v>>6&63], enc[v&63])
+	}
+	switch len(key) - i {
+	case 1:
+		v := uint(key[i]) << 16
+		b = append(b, enc[v>>18&63], enc[v>>12&63], '=', '=')
+	case 2:
+		v := uint(key[i])<<16 | uint(key[i+1])<<8
+		b = append(b, enc[v>>18&63], enc[v>>12&63], enc[v>>6&63], '=')
+	}
+	return b, true
+}
+
+// hasB reports whether flags hold the b flag: the caller's key is base64
+// already.
+func hasB(flags []string) bool {
+	for _, f := range flags {
+		if f == "b" {
+			return true
+		}
+	}
+	return false
+}
+
+// placementKey returns the bytes a key is placed by: the key itself, or
+// for a key the caller sent in base64 (b flag), the decoded bytes, so that
+// an item lands on the same server whichever way its key is written.
+func placementKey(key string, encoded bool) string {
+	if !encoded {
+		return key
+	}
+	raw, err := base64.StdEncoding.DecodeString(key)
+	if err != nil || len(raw) == 0 {
+		return key // memcached will refuse it; placement does not matter
+	}
+	return string(raw)
 }
 
 func checkFlag(f string) error {
@@ -131,17 +203,36 @@ func ttlSeconds(d time.Duration) int64 {
 type builder struct {
 	b     []byte
 	quiet bool
+	b64   bool // the key went in base64: the b flag is due
 	err   error
 }
 
-func (w *builder) cmd(cmd, key string) {
+// cmd appends the command and the key. encoded is set when the caller's
+// flags hold b: the key is base64 already and is sent as written.
+func (w *builder) cmd(cmd, key string, encoded bool) {
+	w.b = append(w.b, cmd...)
+	w.b = append(w.b, ' ')
+	if encoded {
+		if len(key) == 0 || len(key) > MaxKeyLen || !printable(key) {
+			w.err = fmt.Errorf("%w: base64 key %q", ErrBadKey, key)
+			return
+		}
+		w.b = append(w.b, key...)
+		return
+	}
 	if err := checkKey(key); err != nil {
 		w.err = err
 		return
 	}
-	w.b = append(w.b, cmd...)
-	w.b = append(w.b, ' ')
-	w.b = append(w.b, key...)
+	w.b, w.b64 = appendKey(w.b, key)
+}
+
+// flagB appends the b flag if cmd sent the key in base64. It comes after
+// the command's positional tokens (the data length of ms).
+func (w *builder) flagB() {
+	if w.b64 {
+		w.b = append(w.b, ' ', 'b')
+	}
 }
 
 func (w *builder) num(f byte, n int64) {
@@ -178,27 +269,32 @@ func (w *builder) flags(fs []string) {
 func (w *builder) end() { w.b = append(w.b, '\r', '\n') }
 
 func buildGet(key string, flags []string) *request {
-	w := builder{b: make([]byte, 0, 8+len(key)+4*len(flags))}
-	w.cmd("mg", key)
+	r := newRequest(8 + len(key) + 4*len(flags))
+	w := builder{b: r.buf}
+	w.cmd("mg", key, hasB(flags))
+	w.flagB()
 	w.flags(flags)
 	w.end()
-	return newRequest(kindGet, w)
+	return r.finish(kindGet, w)
 }
 
 func buildSet(key string, value []byte, opt SetOptions, maxValue int) *request {
 	if len(value) > maxValue {
 		return &request{err: fmt.Errorf("%w: value of %d bytes exceeds %d", ErrBadRequest, len(value), maxValue)}
 	}
-	w := builder{b: make([]byte, 0, 48+len(key)+len(value))}
-	w.cmd("ms", key)
+	r := newRequest(48 + len(key) + len(value))
+	w := builder{b: r.buf}
+	w.cmd("ms", key, hasB(opt.Flags))
 	w.b = append(w.b, ' ')
 	w.b = strconv.AppendInt(w.b, int64(len(value)), 10)
+	w.flagB()
 	switch opt.Mode {
 	case 0, 'S':
 	case 'E', 'A', 'P', 'R':
 		w.b = append(w.b, ' ', 'M', opt.Mode)
 	default:
-		return &request{err: fmt.Errorf("%w: ms mode %q (want S, E, A, P or R)", ErrBadRequest, opt.Mode)}
+		r.err = fmt.Errorf("%w: ms mode %q (want S, E, A, P or R)", ErrBadRequest, opt.Mode)
+		return r
 	}
 	if opt.CAS != 0 {
 		w.unum('C', opt.CAS)
@@ -219,12 +315,14 @@ func buildSet(key string, value []byte, opt SetOptions, maxValue int) *request {
 	w.end()
 	w.b = append(w.b, value...)
 	w.end()
-	return newRequest(kindSet, w)
+	return r.finish(kindSet, w)
 }
 
 func buildDelete(key string, opt DeleteOptions) *request {
-	w := builder{b: make([]byte, 0, 32+len(key))}
-	w.cmd("md", key)
+	r := newRequest(32 + len(key))
+	w := builder{b: r.buf}
+	w.cmd("md", key, hasB(opt.Flags))
+	w.flagB()
 	if opt.Invalidate {
 		w.bare('I')
 		if opt.TTL != 0 {
@@ -239,12 +337,14 @@ func buildDelete(key string, opt DeleteOptions) *request {
 	}
 	w.flags(opt.Flags)
 	w.end()
-	return newRequest(kindDel, w)
+	return r.finish(kindDel, w)
 }
 
 func buildArithmetic(key string, opt ArithmeticOptions) *request {
-	w := builder{b: make([]byte, 0, 64+len(key))}
-	w.cmd("ma", key)
+	r := newRequest(64 + len(key))
+	w := builder{b: r.buf}
+	w.cmd("ma", key, hasB(opt.Flags))
+	w.flagB()
 	w.bare('v')
 	if opt.Decrement {
 		w.b = append(w.b, " MD"...)
@@ -266,7 +366,7 @@ func buildArithmetic(key string, opt ArithmeticOptions) *request {
 	}
 	w.flags(opt.Flags)
 	w.end()
-	return newRequest(kindAri, w)
+	return r.finish(kindAri, w)
 }
 
 var noopRequest = []byte("mn\r\n")
@@ -333,13 +433,16 @@ func buildRaw(raw, value []byte, maxValue int) (*request, string) {
 	} else if len(value) != 0 {
 		return bad("%s takes no value", cmd), ""
 	}
-	quiet := false
+	quiet, encoded := false, false
 	for _, f := range flags {
 		if err := checkFlag(string(f)); err != nil {
 			return &request{err: err}, ""
 		}
 		if len(f) == 1 && f[0] == 'q' {
 			quiet = true
+		}
+		if len(f) == 1 && f[0] == 'b' {
+			encoded = true
 		}
 	}
 	buf := make([]byte, 0, len(line)+len(value)+4)
@@ -352,5 +455,5 @@ func buildRaw(raw, value []byte, maxValue int) (*request, string) {
 	if quiet {
 		buf = append(buf, noopRequest...)
 	}
-	return &request{kind: kind, buf: buf, quiet: quiet}, key
+	return &request{kind: kind, buf: buf, quiet: quiet}, placementKey(key, encoded)
 }

@@ -206,7 +206,13 @@ func (r *Ring) Pick(key string) int {
 // ketamaKeyHash is twemproxy's hash_md5: the first four bytes of the key's
 // MD5, little endian.
 func ketamaKeyHash(key string) uint32 {
-	d := md5.Sum([]byte(key))
+	var buf [MaxKeyLen]byte // keys fit: no allocation
+	var d [md5.Size]byte
+	if len(key) <= len(buf) {
+		d = md5.Sum(buf[:copy(buf[:], key)])
+	} else {
+		d = md5.Sum([]byte(key))
+	}
 	return binary.LittleEndian.Uint32(d[:4])
 }
 

@@ -52,7 +52,16 @@ type fileConfig struct {
 		Pprof  bool   `yaml:"pprof"`
 	} `yaml:"http"`
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
-	Log          struct {
+	// Procs is GOMAXPROCS: the cores the proxy's goroutines run on at
+	// once. 0 (the default) keeps Go's default, every core the process
+	// may use. 1, like nutcracker's single thread, spends the least CPU
+	// per request (no cross-core wake-ups) and gave the best throughput
+	// and p99 on a shared 2-core host, but a burst of thousands of
+	// concurrent misses of one key can then outlast lease.wait when the
+	// host is busy, and the waiters fall back to filling (see
+	// BENCHMARKS.md), so it is not the default.
+	Procs int `yaml:"procs"`
+	Log   struct {
 		Level  string `yaml:"level"`
 		Format string `yaml:"format"`
 	} `yaml:"log"`
@@ -71,7 +80,11 @@ func defaults() fileConfig {
 	fc.Limits.MaxConns, fc.Limits.MaxValueBytes = lc.MaxConns, lc.MaxValueBytes
 	fc.Limits.MaxLineBytes, fc.Limits.MaxGetLineBytes, fc.Limits.IdleTimeout = lc.MaxLineBytes, lc.MaxGetLineBytes, lc.IdleTimeout
 	fc.FlushAll, fc.Version = lc.FlushAll, lc.Version
-	fc.Pool.ConnsPerServer, fc.Pool.Timeout, fc.Pool.DialTimeout = pc.ConnsPerServer, pc.Timeout, pc.DialTimeout
+	fc.Pool.Timeout, fc.Pool.DialTimeout = pc.Timeout, pc.DialTimeout
+	// One connection per server batches the most requests per write and
+	// read, which is what the proxy's throughput depends on (see
+	// BENCHMARKS.md); mcpool's default of 2 suits the purger.
+	fc.Pool.ConnsPerServer = 1
 	fc.Pool.BreakerFailures, fc.Pool.BreakerOpenFor = pc.Breaker.Failures, pc.Breaker.OpenFor
 	fc.HTTP.Listen = "127.0.0.1:9188"
 	fc.DrainTimeout = 10 * time.Second
@@ -93,6 +106,9 @@ func loadConfig(path string) (fileConfig, error) {
 	}
 	if fc.Listen == "" {
 		return fc, errors.New("config: listen is empty")
+	}
+	if fc.Procs < 0 {
+		return fc, fmt.Errorf("config: procs (%d) cannot be negative", fc.Procs)
 	}
 	if fc.DrainTimeout <= 0 {
 		return fc, fmt.Errorf("config: drain_timeout (%s) must be positive", fc.DrainTimeout)
@@ -122,6 +138,10 @@ func (fc fileConfig) poolConfig() mcpool.Config {
 	c.ConnsPerServer, c.Timeout, c.DialTimeout = fc.Pool.ConnsPerServer, fc.Pool.Timeout, fc.Pool.DialTimeout
 	c.Breaker.Failures, c.Breaker.OpenFor = fc.Pool.BreakerFailures, fc.Pool.BreakerOpenFor
 	c.MaxValueSize = max(c.MaxValueSize, fc.Limits.MaxValueBytes)
+	// Keep room for as many requests in flight per server as mcpool's
+	// default (2 connections of 1024) with fewer connections: a herd
+	// sends thousands at once.
+	c.MaxInFlight = max(c.MaxInFlight, 2*mcpool.DefaultConnConfig().MaxInFlight/max(c.ConnsPerServer, 1))
 	return c
 }
 

@@ -17,6 +17,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"syscall"
 
@@ -47,6 +48,9 @@ func run() int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
+	if fc.Procs > 0 {
+		runtime.GOMAXPROCS(fc.Procs)
+	}
 	if err := serve(fc, *path, log); err != nil {
 		log.Error("leaseproxy stopped", zap.Error(err))
 		return 1
@@ -91,7 +95,8 @@ func serve(fc fileConfig, path string, log *zap.Logger) error {
 	}
 	log.Info("leaseproxy serving", zap.String("listen", ln.Addr().String()), zap.String("http", hln.Addr().String()),
 		zap.Strings("servers", fc.Servers), zap.String("hash", fc.Hash), zap.Duration("lease_ttl", fc.Lease.TTL),
-		zap.Duration("lease_wait", fc.Lease.Wait), zap.Bool("lease_stale", fc.Lease.Stale))
+		zap.Duration("lease_wait", fc.Lease.Wait), zap.Bool("lease_stale", fc.Lease.Stale),
+		zap.Int("conns_per_server", fc.Pool.ConnsPerServer), zap.Int("procs", runtime.GOMAXPROCS(0)))
 
 	sig, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,15 +30,35 @@ func TestExampleConfig(t *testing.T) {
 	if len(fc.Servers) != 2 || fc.Hash != "ketama" {
 		t.Errorf("got servers %v hash %q; want 2 servers, ketama", fc.Servers, fc.Hash)
 	}
+	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 0 || pc.MaxInFlight != 2048 {
+		t.Errorf("got conns_per_server %d, procs %d, max in flight %d; want 1, 0, 2048", pc.ConnsPerServer, fc.Procs, pc.MaxInFlight)
+	}
+}
+
+// TestDefaults: a file with servers only gets one connection per server
+// and Go's own GOMAXPROCS.
+func TestDefaults(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(p, []byte("servers: [127.0.0.1:1]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fc, err := loadConfig(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 0 {
+		t.Errorf("got conns_per_server %d, procs %d; want 1, 0", pc.ConnsPerServer, fc.Procs)
+	}
 }
 
 func TestConfigErrors(t *testing.T) {
 	tests := map[string]string{
-		"unknown field": "servers: [127.0.0.1:1]\nbogus: 1\n",
-		"no servers":    "listen: 127.0.0.1:0\n",
-		"bad hash":      "servers: [127.0.0.1:1]\nhash: md4\n",
-		"short ttl":     "servers: [127.0.0.1:1]\nlease: {ttl: 100ms}\n",
-		"bad flush":     "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
+		"unknown field":  "servers: [127.0.0.1:1]\nbogus: 1\n",
+		"no servers":     "listen: 127.0.0.1:0\n",
+		"bad hash":       "servers: [127.0.0.1:1]\nhash: md4\n",
+		"short ttl":      "servers: [127.0.0.1:1]\nlease: {ttl: 100ms}\n",
+		"bad flush":      "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
+		"negative procs": "servers: [127.0.0.1:1]\nprocs: -1\n",
 	}
 	for name, body := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -71,7 +92,7 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	listen, httpAddr := freeAddr(t), freeAddr(t)
-	cfg := fmt.Sprintf("listen: %s\nservers: [%s, %s]\nhttp: {listen: %s}\nlog: {level: debug}\n",
+	cfg := fmt.Sprintf("listen: %s\nservers: [%s, %s]\nhttp: {listen: %s}\nlog: {level: debug}\nprocs: 1\n",
 		listen, mcs[0].Addr, mcs[1].Addr, httpAddr)
 	cfgPath := filepath.Join(dir, "leaseproxy.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
@@ -139,6 +160,9 @@ func TestBinary(t *testing.T) {
 	exited <- nil
 	if !strings.Contains(logs.String(), `"drained"`) {
 		t.Errorf("no drained log line in:\n%s", logs.String())
+	}
+	if !regexp.MustCompile(`"procs":1[,}]`).MatchString(logs.String()) {
+		t.Errorf("procs: 1 not applied (want \"procs\":1 in the serving line):\n%s", logs.String())
 	}
 }
 

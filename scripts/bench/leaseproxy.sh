@@ -7,7 +7,12 @@
 #   3. herd: N clients miss one key at once and fill on a miss (10ms "query");
 #      database fills and p99 wait, for leaseproxy and, as contrast, nutcracker.
 # Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000]
-# Figures on a shared 2-core machine are only comparable within one run.
+# Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; default 0,
+# as leaseproxy's: Go's default, every core), LEASEPROXY_CONNS_PER_SERVER
+# (default 1, as leaseproxy's).
+# Figures on a shared 2-core machine are only comparable within one run. The
+# CPU time each proxy process used per operation is printed too: it is less
+# sensitive than ops/s to what else runs on the machine.
 set -euo pipefail
 DUR=${1:-10}
 HERD=${2:-10,100,1000,10000}
@@ -49,29 +54,39 @@ pool:
    - 127.0.0.1:$M1:1
    - 127.0.0.1:$M2:1
 YML
-"$NUTCRACKER" -c "$WORK/nutcracker.yml" -s "$NCS" -a 127.0.0.1 -o "$WORK/nutcracker.log" & PIDS+=($!)
+"$NUTCRACKER" -c "$WORK/nutcracker.yml" -s "$NCS" -a 127.0.0.1 -o "$WORK/nutcracker.log" & NCPID=$!; PIDS+=($NCPID)
 cat >"$WORK/leaseproxy.yaml" <<YML
 listen: 127.0.0.1:$LP
 servers: [127.0.0.1:$M1, 127.0.0.1:$M2]
 hash: ketama
 lease: {ttl: 2s, wait: 250ms, stale: true}
 limits: {max_conns: 19000}
-pool: {conns_per_server: ${LEASEPROXY_CONNS_PER_SERVER:-2}}
+pool: {conns_per_server: ${LEASEPROXY_CONNS_PER_SERVER:-1}}
+procs: ${LEASEPROXY_PROCS:-0}
 http: {listen: 127.0.0.1:$LPH}
 log: {level: warn}
 YML
-"$WORK/leaseproxy" -config "$WORK/leaseproxy.yaml" 2>"$WORK/leaseproxy.log" & PIDS+=($!)
+"$WORK/leaseproxy" -config "$WORK/leaseproxy.yaml" 2>"$WORK/leaseproxy.log" & LPPID=$!; PIDS+=($LPPID)
 for p in $M1 $M2 $NC $LP; do waitport "$p"; done
 
+# cputicks PID: user+system CPU time of a process, in clock ticks.
+cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 echo "== throughput: memcaslap -T 2 -c 32 -X 100 -t ${DUR}s (9 get : 1 set)"
 declare -A TPS
-for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2" "nutcracker=127.0.0.1:$NC" "leaseproxy=127.0.0.1:$LP"; do
-	name=${t%%=*}; addr=${t#*=}
+for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "leaseproxy=127.0.0.1:$LP=$LPPID"; do
+	name=${t%%=*}; rest=${t#*=}; addr=${rest%%=*}; pid=${rest#*=}
+	[ -n "$pid" ] && c0=$(cputicks "$pid")
 	out=$(memcaslap -s "$addr" -T 2 -c 32 -X 100 -t "${DUR}s" 2>&1)
 	tps=$(echo "$out" | sed -n 's/.*TPS: \([0-9]*\).*/\1/p' | tail -1)
 	errs=$(echo "$out" | grep -c 'ERROR' || true)
 	TPS[$name]=${tps:-0}
-	printf "%-12s %10s ops/s  (error lines: %s)\n" "$name" "${tps:-?}" "$errs"
+	cpu=""
+	if [ -n "$pid" ] && [ "${tps:-0}" -gt 0 ]; then
+		c1=$(cputicks "$pid")
+		cpu=$(awk -v t="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v n="$tps" -v d="$DUR" \
+			'BEGIN { printf "  proxy CPU %.2f cores, %.1f us/op", t/hz/d, t/hz*1e6/(n*d) }')
+	fi
+	printf "%-12s %10s ops/s  (error lines: %s)%s\n" "$name" "${tps:-?}" "$errs" "$cpu"
 done
 awk -v m="${TPS[memcached]}" -v n="${TPS[nutcracker]}" -v l="${TPS[leaseproxy]}" 'BEGIN {
 	printf "ratios: leaseproxy/nutcracker %.2f  leaseproxy/memcached %.2f  nutcracker/memcached %.2f\n", l/n, l/m, n/m }'
