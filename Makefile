@@ -5,7 +5,7 @@ STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 TEST_TIMEOUT ?= 40m
 BIN         := bin
 
-.PHONY: all setup build test check fmt vet staticcheck tidy race demo env bench fuzz clean
+.PHONY: all setup build test check fmt vet staticcheck tidy race demo env bench chaos fuzz clean
 
 all: build
 
@@ -47,6 +47,12 @@ demo: setup build
 
 bench: setup build
 	bash scripts/bench.sh
+
+# Every chaos scenario in its full form against the real daemons; writes
+# CHAOS.md and fails on any FAIL verdict. The short form runs in make test
+# (TestChaosShort in ./chaos).
+chaos: setup
+	bash scripts/chaos/chaos.sh
 
 fuzz:
 	@for p in $$(grep -rl '^func Fuzz' --include='*_test.go' . | xargs -n1 dirname | sort -u); do \

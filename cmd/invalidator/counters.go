@@ -152,7 +152,7 @@ type counterHandler struct {
 
 func (h *counterHandler) Begin(ctx context.Context, tx wal.TxInfo) error {
 	if !h.reloaded {
-		if err := h.b.Load(ctx, walSource); err != nil {
+		if err := loadCheckpoints(ctx, h.b, h.log, walSource); err != nil {
 			return err
 		}
 		h.reloaded = true
@@ -416,7 +416,7 @@ func (d *daemon) runIncrements(soft context.Context, js jetstream.JetStream, c *
 	}
 	// Read the checkpoint now, not at start: a hot standby that took
 	// over has an old one.
-	if err := c.b.Load(soft, src); err != nil {
+	if err := loadCheckpoints(soft, c.b, d.log.Named("counters"), src); err != nil {
 		if soft.Err() != nil {
 			return nil
 		}
@@ -799,4 +799,29 @@ func (d *daemon) initCounters(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// loadCheckpoints reads the checkpoints of sources again, retrying with
+// backoff while the primary cannot answer (a restart, a failover): only
+// ctx ends the wait, so a restarting primary does not stop the process.
+func loadCheckpoints(ctx context.Context, b *batcher.Batcher, log *zap.Logger, sources ...string) error {
+	wait := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		err := b.Load(ctx, sources...)
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if attempt == 1 || attempt%10 == 0 {
+			log.Warn("cannot read the counter checkpoints; retrying", zap.Strings("sources", sources), zap.Int("attempt", attempt), zap.Duration("retry_in", wait), zap.Error(err))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
+	}
 }
