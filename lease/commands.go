@@ -69,11 +69,24 @@ func (c *conn) exec(ctx context.Context, cmd *Command, value []byte) (quit bool)
 			return true
 		}
 	}
+	if writes(cmd.Op) && len(cmd.Keys) > 0 {
+		s.l.wrote(cmd.Keys[0])
+	}
 	if !cmd.NoReply {
 		_, _ = c.bw.Write(b)
 	}
 	c.out = b[:0]
 	return false
+}
+
+// writes reports whether op may change its key's item (touch and gat do
+// not change the value).
+func writes(op Op) bool {
+	switch op {
+	case OpDelete, OpIncr, OpDecr, OpMetaSet, OpMetaDelete, OpMetaArith:
+		return true
+	}
+	return op.IsStorage()
 }
 
 // itemState is what a key holds, as clients see it.

@@ -36,6 +36,53 @@
 // gives W to one reader, who refills, and Z to the rest. With Lease.Stale
 // those get the stale value at once; without it they wait as on a miss.
 //
+// # One read per key and proxy
+//
+// A herd of N readers of one key costs a proxy O(1) requests, not N: a
+// read of a key for which this proxy already has something under way
+// (a flight) sends nothing and joins it, with its own Lease.Wait counted
+// from its arrival. A flight is one of:
+//
+//   - a read in flight: another client's mg for the key whose answer has
+//     not come. Those who joined get what it gets: its value on a hit;
+//     the stale value at once on X with Lease.Stale, whether the first
+//     reader won the refill or saw Z; its error if it failed. On W or Z
+//     (and on X without Lease.Stale, or of an empty lease item) they wait
+//     for the fill with the poller.
+//   - a poller with waiters: they wait with it.
+//   - a lease this proxy handed to one of its clients (W) that it has not
+//     seen filled: they wait for the fill, and the first of them starts
+//     the poller. The mark goes with the lease record (fill, expiry, or
+//     MaxRecords); a lease on a stale item whose readers are served stale
+//     is not marked, as they need memcached's answer to be served at once.
+//
+// Flights live in a table of 64 shards, each under its own lock, so a
+// hit costs one short lock of its shard before and after its mg. A flight
+// ends with one outcome for all its waiters, by closing a channel: the
+// hand-off to 10,000 waiters is one close, not 10,000 sends.
+//
+// Memcached still arbitrates between proxies (W and Z), fills are still
+// checked with C<cas> (I2), and a waiter still gets a miss at the end of
+// its wait. What a joined reader gets is never older than memcached's
+// value at the moment it joined by more than one round trip: a value
+// handed to it comes from a read (a client's mg or a poll) answered
+// after it joined. Either that read was sent after it joined, so
+// memcached answered with a value at least as new as the one it held at
+// the join; or the read was already in flight, and then memcached read
+// the item between the read's sending and its answer, so at most one
+// round trip of that read before the join. A joined reader never gets a
+// value remembered from an earlier read: a flight ends when its outcome
+// is handed out, and the next read asks memcached again. A lease mark
+// only makes readers wait for the poller's reads, which are sent after
+// they joined; a fill through another proxy is seen at the first poll.
+// A fill stored through this proxy (ms C<cas> answered HD) is handed to
+// the key's waiters at once, with the CAS memcached gave it: it was
+// memcached's value when the fill was answered, after they joined.
+// A write of a key through this proxy (set, delete, incr, ms, ...)
+// detaches the key's read or poll in flight once answered, so that a
+// client that reads after its write does not join a read sent before it:
+// it reads its own writes, as without the proxy.
+//
 // The proxy records each lease it hands out (key to the CAS of the item
 // it won, bounded by Lease.MaxRecords, dropped after Lease.TTL). A set or
 // add of that key, on any connection of this proxy (clients pool

@@ -22,6 +22,10 @@ type fakeBackend struct {
 	cas   uint64
 	err   error
 	calls int
+	gets  map[string]int // MetaGet calls per key
+	// getHook, when set, runs at the start of every MetaGet, outside mu
+	// (a test blocks a read in flight with it). Set before use.
+	getHook func(key string)
 }
 
 type fakeItem struct {
@@ -53,11 +57,18 @@ func flagArg(flags []string, c byte) (string, bool) {
 }
 
 func (f *fakeBackend) MetaGet(_ context.Context, key string, flags ...string) (mcpool.Response, error) {
+	if f.getHook != nil {
+		f.getHook(key)
+	}
 	if err := f.begin(); err != nil {
 		f.mu.Unlock()
 		return mcpool.Response{}, err
 	}
 	defer f.mu.Unlock()
+	if f.gets == nil {
+		f.gets = map[string]int{}
+	}
+	f.gets[key]++
 	it := f.items[key]
 	won := false
 	if it == nil {
@@ -239,6 +250,13 @@ func (f *fakeBackend) Pick(string) int { return 0 }
 // markStale is the purger's md I.
 func (f *fakeBackend) markStale(key string) {
 	_, _ = f.MetaDelete(context.Background(), key, mcpool.DeleteOptions{Invalidate: true})
+}
+
+// getCount is the number of successful MetaGet calls of key so far.
+func (f *fakeBackend) getCount(key string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.gets[key]
 }
 
 func (f *fakeBackend) setErr(err error) {

@@ -437,7 +437,7 @@ func TestMultiGetLeases(t *testing.T) {
 		vs, err := b.get("get mget:hit:0 mget:miss:1")
 		bDone <- reply{vs, err}
 	}()
-	for deadline := time.Now().Add(30 * time.Second); p.l.nflights.Load() == 0; time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); p.Stats().LeaseWaits == 0; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("b never waited for mget:miss:1")
 		}

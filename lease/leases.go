@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -43,17 +44,7 @@ type outcome struct {
 	kind  outcomeKind
 	item  item
 	stale bool
-}
-
-// waiter is one reader waiting for a key's value.
-type waiter struct {
-	ch chan outcome // capacity 1; written once, under leaser.mu
-}
-
-// flight is the set of readers of one key waiting on this proxy, served
-// by one poller.
-type flight struct {
-	waiters []*waiter
+	err   error // gotMiss: the read that the waiter joined failed
 }
 
 // record is a lease this proxy handed to a client: the CAS of the item
@@ -83,20 +74,21 @@ type leaser struct {
 	// a variadic literal would be allocated per read.
 	getFlags []string
 
-	mu sync.Mutex // guards records, queue, qhead, flights, stopped
+	// Lock order: mu before a shard's mu; never the other way.
+	mu sync.Mutex // guards records, queue, qhead; wg.Add once stopped
 	// records maps a key to the lease handed out for it.
 	records map[string]record
 	// queue lists records in the order they were made, which is their
 	// expiry order; entries whose record is gone are skipped.
 	queue []queued
 	qhead int
-	// flights maps a key to the readers waiting for it.
-	flights map[string]*flight
-	stopped bool
+	// stopped is set (under mu) when close begins.
+	stopped atomic.Bool
 
-	// nflights mirrors len(flights), so that reads skip mu when no one
-	// waits (the common case).
-	nflights atomic.Int64
+	// shards hold the flights: per key, the reads, waits and leases under
+	// way on this proxy (see flights.go).
+	shards [nShards]shard
+	seed   maphash.Seed
 
 	stop     chan struct{}
 	stopOnce sync.Once
@@ -111,8 +103,11 @@ func newLeaser(cfg LeaseConfig, be Backend, log *zap.Logger, st *counters) *leas
 		st:      st,
 		now:     time.Now,
 		records: make(map[string]record),
-		flights: make(map[string]*flight),
+		seed:    maphash.MakeSeed(),
 		stop:    make(chan struct{}),
+	}
+	for i := range l.shards {
+		l.shards[i].flights = make(map[string]*flight)
 	}
 	if cfg.TTL > 0 {
 		l.nTTL = "N" + strconv.FormatInt(cfg.ttlSeconds(), 10)
@@ -130,7 +125,7 @@ func (l *leaser) enabled() bool { return l.cfg.TTL > 0 }
 func (l *leaser) close() {
 	l.stopOnce.Do(func() {
 		l.mu.Lock()
-		l.stopped = true
+		l.stopped.Store(true)
 		l.mu.Unlock()
 		close(l.stop)
 	})
@@ -154,11 +149,12 @@ func (l *leaser) get(ctx context.Context, key string) (getResult, error) {
 		return l.plainResult(ctx, key, &resp, err)
 	}
 	start := l.now()
-	if f, w := l.joinFlight(key); f != nil {
-		return l.wait(ctx, key, f, w, start), nil
+	f, w := l.begin(key)
+	if w != nil {
+		return l.wait(ctx, key, f, w, start)
 	}
 	resp, err := l.be.MetaGet(ctx, key, l.getFlags...)
-	return l.result(ctx, key, &resp, err, start)
+	return l.result(ctx, key, f, &resp, err, start)
 }
 
 // multiGetter is a Backend that pipelines the reads of many keys
@@ -185,15 +181,18 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 	}
 	var waits map[int]joined
 	send := make([]string, 0, len(keys))
-	idx := make([]int, 0, len(keys)) // position in keys of each sent key
+	idx := make([]int, 0, len(keys))     // position in keys of each sent key
+	fls := make([]*flight, 0, len(keys)) // the flight each sent key opened
 	start := l.now()
 	for i, k := range keys {
 		if _, dup := first[k]; dup {
 			continue
 		}
 		first[k] = i
+		var f *flight
 		if l.enabled() {
-			if f, w := l.joinFlight(k); f != nil {
+			var w *waiter
+			if f, w = l.begin(k); w != nil {
 				if waits == nil {
 					waits = make(map[int]joined)
 				}
@@ -203,6 +202,7 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 		}
 		send = append(send, k)
 		idx = append(idx, i)
+		fls = append(fls, f)
 	}
 	flags := plainGetFlags
 	if l.enabled() {
@@ -211,14 +211,14 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 	resps, rerrs := mg.MetaGetMulti(ctx, send, flags...)
 	for j, i := range idx {
 		if l.enabled() {
-			out[i], errs[i] = l.result(ctx, keys[i], &resps[j], rerrs[j], start)
+			out[i], errs[i] = l.result(ctx, keys[i], fls[j], &resps[j], rerrs[j], start)
 		} else {
 			out[i], errs[i] = l.plainResult(ctx, keys[i], &resps[j], rerrs[j])
 		}
 	}
 	for i, k := range keys {
 		if j, ok := waits[i]; ok {
-			out[i] = l.wait(ctx, k, j.f, j.w, start)
+			out[i], errs[i] = l.wait(ctx, k, j.f, j.w, start)
 		} else if f := first[k]; f != i {
 			out[i], errs[i] = out[f], errs[f]
 		}
@@ -226,65 +226,66 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 	return true
 }
 
-// joinFlight makes the caller a waiter of key's flight, if there is one.
-func (l *leaser) joinFlight(key string) (*flight, *waiter) {
-	if l.nflights.Load() == 0 {
-		return nil, nil
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if f := l.flights[key]; f != nil {
-		return f, l.joinLocked(f)
-	}
-	return nil, nil
-}
-
 // result is what a client gets for key given the response to the read
 // that may take a lease (mg v f c N<ttl>): a hit, a miss that won the
 // lease (the client is to fill), a stale value, or the winner's value
-// after a wait.
-func (l *leaser) result(ctx context.Context, key string, resp *mcpool.Response, err error, start time.Time) (getResult, error) {
+// after a wait. f is the flight the read opened (nil: none); the readers
+// that joined it get the same value, or wait with this one.
+func (l *leaser) result(ctx context.Context, key string, f *flight, resp *mcpool.Response, err error, start time.Time) (getResult, error) {
 	if err != nil {
+		if f != nil {
+			l.settleRead(key, f, outcome{kind: gotMiss, err: err})
+		}
 		return getResult{}, err
 	}
 	if resp.Status != mcpool.StatusVA {
 		// EN despite N: memcached could not allocate the empty item.
+		if f != nil {
+			l.settleRead(key, f, outcome{kind: gotMiss})
+		}
 		return getResult{}, nil
 	}
+	serveStale := resp.Stale && l.cfg.Stale && !isStub(resp)
 	switch {
 	case resp.Win:
-		l.won(ctx, key, resp)
-		return getResult{}, nil
-	case resp.Stale:
-		if l.cfg.Stale && !isStub(resp) {
-			l.st.staleServes.Add(1)
-			return getResult{found: true, item: itemOf(resp), stale: true}, nil
+		if f == nil {
+			l.won(ctx, key, resp, nil)
+			return getResult{}, nil
 		}
-	case resp.Claimed && isStub(resp):
+		if serveStale {
+			// The readers that joined get the stale value at once, as
+			// those that see Z X do.
+			l.won(ctx, key, resp, nil)
+			l.settle(key, f, outcome{kind: gotValue, item: itemOf(resp), stale: true})
+			return getResult{}, nil
+		}
+		l.won(ctx, key, resp, f)
+		l.leasedRead(key, f)
+		return getResult{}, nil
+	case serveStale:
+		l.st.staleServes.Add(1)
+		it := itemOf(resp)
+		if f != nil {
+			l.settleRead(key, f, outcome{kind: gotValue, item: it, stale: true})
+		}
+		return getResult{found: true, item: it, stale: true}, nil
+	case resp.Stale, resp.Claimed && isStub(resp):
+		// Another client holds the lease: wait for its value.
 	default:
-		return getResult{found: true, item: itemOf(resp)}, nil
+		it := itemOf(resp)
+		if f != nil {
+			l.settleRead(key, f, outcome{kind: gotValue, item: it})
+		}
+		return getResult{found: true, item: it}, nil
 	}
-	// Another client holds the lease: wait for its value.
-	if l.cfg.Wait <= 0 {
-		l.st.waitTimeouts.Add(1)
-		return getResult{}, nil
-	}
-	l.mu.Lock()
-	if l.stopped {
-		l.mu.Unlock()
-		return getResult{}, nil
-	}
-	f := l.flights[key]
 	if f == nil {
-		f = &flight{}
-		l.flights[key] = f
-		l.nflights.Add(1)
-		l.wg.Add(1)
-		go l.poll(key, f)
+		// Joining is off: no wait (Wait 0), or the proxy is closing.
+		if l.cfg.Wait <= 0 {
+			l.st.waitTimeouts.Add(1)
+		}
+		return getResult{}, nil
 	}
-	w := l.joinLocked(f)
-	l.mu.Unlock()
-	return l.wait(ctx, key, f, w, start), nil
+	return l.wait(ctx, key, f, l.await(key, f), start)
 }
 
 var plainGetFlags = []string{"v", "f", "c"}
@@ -306,161 +307,23 @@ func (l *leaser) plainResult(ctx context.Context, key string, resp *mcpool.Respo
 	return getResult{found: true, item: itemOf(resp)}, nil
 }
 
-func (l *leaser) joinLocked(f *flight) *waiter {
-	w := &waiter{ch: make(chan outcome, 1)}
-	f.waiters = append(f.waiters, w)
-	return w
-}
-
-// wait blocks until w gets an outcome or the wait (counted from start)
-// is over.
-func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, start time.Time) getResult {
-	l.st.waits.Add(1)
-	t := time.NewTimer(l.cfg.Wait - l.now().Sub(start))
-	defer t.Stop()
-	var o outcome
-	select {
-	case o = <-w.ch:
-	case <-t.C:
-		if !l.leave(f, w) {
-			o = <-w.ch // an outcome was sent as the timer fired
-			break
-		}
-		l.st.waitTimeouts.Add(1)
-		l.st.observeWait(l.now().Sub(start))
-		return getResult{}
-	case <-ctx.Done():
-		if !l.leave(f, w) {
-			o = <-w.ch
-			break
-		}
-		return getResult{}
-	}
-	l.st.observeWait(l.now().Sub(start))
-	switch o.kind {
-	case gotValue:
-		if o.stale {
-			l.st.staleServes.Add(1)
-		}
-		return getResult{found: true, item: o.item, stale: o.stale}
-	case gotLease:
-		return getResult{} // the poller recorded the lease for this client
-	}
-	return getResult{}
-}
-
-// leave removes w from f; false when an outcome was already sent to it.
-func (l *leaser) leave(f *flight, w *waiter) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for i, x := range f.waiters {
-		if x == w {
-			f.waiters = append(f.waiters[:i], f.waiters[i+1:]...)
-			return true
-		}
-	}
-	return false
-}
-
-// poll looks for key's value on behalf of f's waiters, backing off from
-// PollMin to PollMax, until it can answer them all or none is left.
-func (l *leaser) poll(key string, f *flight) {
-	defer l.wg.Done()
-	delay := l.cfg.PollMin
-	t := time.NewTimer(delay)
-	defer t.Stop()
-	for {
-		select {
-		case <-t.C:
-		case <-l.stop:
-			l.end(key, f, outcome{kind: gotMiss})
-			return
-		}
-		l.mu.Lock()
-		if len(f.waiters) == 0 {
-			l.forgetLocked(key, f)
-			l.mu.Unlock()
-			return
-		}
-		l.mu.Unlock()
-		l.st.polls.Add(1)
-		resp, err := l.be.MetaGet(context.Background(), key, l.getFlags...)
-		if err != nil || resp.Status != mcpool.StatusVA {
-			// A server that fails now fails the waiters fast rather than
-			// at the end of their wait.
-			if err != nil {
-				l.st.backendErrors.Add(1)
-				l.log.Debug("lease poll failed", zap.String("key", key), zap.Error(err))
-			}
-			l.end(key, f, outcome{kind: gotMiss})
-			return
-		}
-		switch {
-		case resp.Win:
-			// The lease was released, expired or invalidated: a new one
-			// goes to the longest waiter, who fills.
-			l.mu.Lock()
-			var w *waiter
-			if len(f.waiters) > 0 {
-				w = f.waiters[0]
-				f.waiters = f.waiters[1:]
-			}
-			l.mu.Unlock()
-			if w == nil {
-				l.release(context.Background(), key, resp.CAS, resp.Stale)
-				l.end(key, f, outcome{kind: gotMiss})
-				return
-			}
-			l.won(context.Background(), key, &resp)
-			w.ch <- outcome{kind: gotLease}
-			if resp.Stale && l.cfg.Stale && !isStub(&resp) {
-				l.end(key, f, outcome{kind: gotValue, item: itemOf(&resp), stale: true})
-				return
-			}
-		case resp.Stale:
-			if l.cfg.Stale && !isStub(&resp) {
-				l.end(key, f, outcome{kind: gotValue, item: itemOf(&resp), stale: true})
-				return
-			}
-		case resp.Claimed && isStub(&resp):
-			// still being filled
-		default:
-			l.end(key, f, outcome{kind: gotValue, item: itemOf(&resp)})
-			return
-		}
-		delay = min(2*delay, l.cfg.PollMax)
-		t.Reset(delay)
-	}
-}
-
-// end answers every waiter of f with o and forgets f.
-func (l *leaser) end(key string, f *flight, o outcome) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for _, w := range f.waiters {
-		w.ch <- o
-	}
-	f.waiters = nil
-	l.forgetLocked(key, f)
-}
-
-// forgetLocked removes f from the flights if it is still key's.
-func (l *leaser) forgetLocked(key string, f *flight) {
-	if l.flights[key] == f {
-		delete(l.flights, key)
-		l.nflights.Add(-1)
-	}
-}
-
 // won records the lease memcached just gave (W) so that the fill can be
 // checked against it, on any connection of this proxy and, through the
-// record written to memcached, on other proxies.
-func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response) {
+// record written to memcached, on other proxies. With f, the lease is
+// also marked on key's flight f, so that the key's readers wait for its
+// fill without asking memcached; the mark goes with the record.
+func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *flight) {
 	l.st.wins.Add(1)
 	now := l.now()
 	l.mu.Lock()
+	if old, ok := l.records[key]; ok {
+		l.unmarkLeased(key, old.cas)
+	}
 	l.records[key] = record{cas: resp.CAS, stale: resp.Stale, expires: now.Add(l.cfg.TTL)}
 	l.queue = append(l.queue, queued{key: key, cas: resp.CAS})
+	if f != nil {
+		l.markLeased(key, f, resp.CAS)
+	}
 	for len(l.records) > l.cfg.MaxRecords || len(l.queue)-l.qhead > 2*l.cfg.MaxRecords {
 		l.popLocked()
 	}
@@ -484,6 +347,7 @@ func (l *leaser) popLocked() {
 	l.qhead++
 	if r, ok := l.records[q.key]; ok && r.cas == q.cas {
 		delete(l.records, q.key)
+		l.unmarkLeased(q.key, q.cas)
 	}
 	if l.qhead > len(l.queue)/2 && l.qhead > 64 {
 		n := copy(l.queue, l.queue[l.qhead:])
@@ -500,6 +364,7 @@ func (l *leaser) take(key string) (record, bool) {
 	r, ok := l.records[key]
 	if ok {
 		delete(l.records, key)
+		l.unmarkLeased(key, r.cas)
 	}
 	return r, ok
 }
@@ -605,12 +470,15 @@ func (l *leaser) fill(ctx context.Context, key string, value []byte, flags uint3
 // an invalidation since (delete, or md I which bumps the CAS) or the
 // lease's expiry makes memcached answer NF or EX, and the fill is refused.
 func (l *leaser) checkedSet(ctx context.Context, key string, value []byte, flags uint32, exptime int64, cas uint64) (fillResult, error) {
-	resp, err := l.be.MetaSet(ctx, key, value, setOptions(0, flags, exptime, cas))
+	opt := setOptions(0, flags, exptime, cas)
+	opt.ReturnCAS = true
+	resp, err := l.be.MetaSet(ctx, key, value, opt)
 	if err != nil {
 		return 0, err
 	}
 	if resp.Status == mcpool.StatusHD {
 		l.st.fills.Add(1)
+		l.filled(key, item{value: value, flags: flags, cas: resp.CAS})
 		return fillStored, nil
 	}
 	l.st.refused.Add(1)
@@ -625,7 +493,7 @@ func (l *leaser) cleanupRecord(key string, cas uint64) {
 		return
 	}
 	l.mu.Lock()
-	if l.stopped {
+	if l.stopped.Load() {
 		l.mu.Unlock()
 		return
 	}

@@ -59,6 +59,7 @@ func NewCollector(namespace string, s *Server, servers func() []mcpool.ServerSta
 	add("get_misses_total", "Keys read that were not found (lease wins included).", func(s *Stats) uint64 { return s.GetMisses })
 	add("lease_wins_total", "Leases handed to clients, which then fill from the database.", func(s *Stats) uint64 { return s.LeaseWins })
 	add("lease_waits_total", "Reads that waited for another client's fill.", func(s *Stats) uint64 { return s.LeaseWaits })
+	add("lease_joins_total", "Reads that joined a read, wait or lease of the key under way on this proxy instead of asking memcached.", func(s *Stats) uint64 { return s.LeaseJoins })
 	add("lease_wait_timeouts_total", "Waits that ended with a miss.", func(s *Stats) uint64 { return s.LeaseWaitTimeouts })
 	add("lease_polls_total", "Polls made on behalf of waiting reads.", func(s *Stats) uint64 { return s.LeasePolls })
 	add("lease_releases_total", "Leases handed back unfilled.", func(s *Stats) uint64 { return s.LeaseReleases })

@@ -22,7 +22,8 @@ type Stats struct {
 	GetMisses uint64
 
 	LeaseWins         uint64 // leases handed to clients (they fill)
-	LeaseWaits        uint64 // reads that waited for another client's fill
+	LeaseWaits        uint64 // reads that waited for another client's fill (or for a read of the key in flight)
+	LeaseJoins        uint64 // of those, reads that joined a read, wait or lease of the key under way on this proxy, sending nothing
 	LeaseWaitTimeouts uint64 // waits that ended with a miss
 	LeasePolls        uint64 // polls made for waiters
 	LeaseReleases     uint64 // leases handed back unfilled
@@ -42,7 +43,7 @@ type counters struct {
 	totalConns, refusedConns                                         atomic.Uint64
 	cmdGet, cmdSet, cmdTouch, cmdDelete, cmdArith, cmdFlush, cmdMeta atomic.Uint64
 	hits, misses                                                     atomic.Uint64
-	wins, waits, waitTimeouts, polls, releases, staleServes          atomic.Uint64
+	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
 	protocolErrors, backendErrors                                    atomic.Uint64
 
@@ -86,6 +87,7 @@ func (c *counters) snapshot() Stats {
 		GetMisses:         c.misses.Load(),
 		LeaseWins:         c.wins.Load(),
 		LeaseWaits:        c.waits.Load(),
+		LeaseJoins:        c.joins.Load(),
 		LeaseWaitTimeouts: c.waitTimeouts.Load(),
 		LeasePolls:        c.polls.Load(),
 		LeaseReleases:     c.releases.Load(),
@@ -117,6 +119,7 @@ func (s Stats) statLines() [][2]string {
 		{"get_misses", u(s.GetMisses)},
 		{"lease_wins", u(s.LeaseWins)},
 		{"lease_waits", u(s.LeaseWaits)},
+		{"lease_joins", u(s.LeaseJoins)},
 		{"lease_wait_timeouts", u(s.LeaseWaitTimeouts)},
 		{"lease_polls", u(s.LeasePolls)},
 		{"lease_releases", u(s.LeaseReleases)},

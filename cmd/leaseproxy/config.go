@@ -53,13 +53,19 @@ type fileConfig struct {
 	} `yaml:"http"`
 	DrainTimeout time.Duration `yaml:"drain_timeout"`
 	// Procs is GOMAXPROCS: the cores the proxy's goroutines run on at
-	// once. 0 (the default) keeps Go's default, every core the process
-	// may use. 1, like nutcracker's single thread, spends the least CPU
-	// per request (no cross-core wake-ups) and gave the best throughput
-	// and p99 on a shared 2-core host, but a burst of thousands of
-	// concurrent misses of one key can then outlast lease.wait when the
-	// host is busy, and the waiters fall back to filling (see
-	// BENCHMARKS.md), so it is not the default.
+	// once. 0 keeps Go's default, every core the process may use. The
+	// default is 1, like nutcracker's single thread: it spends the least
+	// CPU per request (no cross-core wake-ups: 8.5-9.1us/op against
+	// 9.8-11.4 for procs 0) and, on a shared 2-core host with a herd on
+	// one key costing the proxy O(1) memcached reads (lease's single
+	// flight), it met the three targets best together: 1 fill at every
+	// herd size up to 10,000 in every run (as procs 0), the same
+	// throughput (0.89-0.93x nutcracker against 0.88-0.94x), and a p99
+	// of 1.11-1.25x nutcracker's against 1.29-1.60x (scripts/bench/
+	// leaseproxy.sh, 3 runs each). Its herd margin is smaller (clients'
+	// p99 at N = 10,000 195-245ms against 165-190ms; lease.wait, 250ms,
+	// counts from each read's arrival at the proxy): a host with spare
+	// cores and larger herds may prefer 0.
 	Procs int `yaml:"procs"`
 	Log   struct {
 		Level  string `yaml:"level"`
@@ -88,6 +94,7 @@ func defaults() fileConfig {
 	fc.Pool.BreakerFailures, fc.Pool.BreakerOpenFor = pc.Breaker.Failures, pc.Breaker.OpenFor
 	fc.HTTP.Listen = "127.0.0.1:9188"
 	fc.DrainTimeout = 10 * time.Second
+	fc.Procs = 1 // see fileConfig.Procs
 	fc.Log.Level, fc.Log.Format = "info", "json"
 	return fc
 }

@@ -30,13 +30,13 @@ func TestExampleConfig(t *testing.T) {
 	if len(fc.Servers) != 2 || fc.Hash != "ketama" {
 		t.Errorf("got servers %v hash %q; want 2 servers, ketama", fc.Servers, fc.Hash)
 	}
-	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 0 || pc.MaxInFlight != 2048 {
-		t.Errorf("got conns_per_server %d, procs %d, max in flight %d; want 1, 0, 2048", pc.ConnsPerServer, fc.Procs, pc.MaxInFlight)
+	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 1 || pc.MaxInFlight != 2048 {
+		t.Errorf("got conns_per_server %d, procs %d, max in flight %d; want 1, 1, 2048", pc.ConnsPerServer, fc.Procs, pc.MaxInFlight)
 	}
 }
 
 // TestDefaults: a file with servers only gets one connection per server
-// and Go's own GOMAXPROCS.
+// and GOMAXPROCS 1; procs 0 keeps Go's own.
 func TestDefaults(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "c.yaml")
 	if err := os.WriteFile(p, []byte("servers: [127.0.0.1:1]\n"), 0o644); err != nil {
@@ -46,8 +46,14 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 0 {
-		t.Errorf("got conns_per_server %d, procs %d; want 1, 0", pc.ConnsPerServer, fc.Procs)
+	if pc := fc.poolConfig(); pc.ConnsPerServer != 1 || fc.Procs != 1 {
+		t.Errorf("got conns_per_server %d, procs %d; want 1, 1", pc.ConnsPerServer, fc.Procs)
+	}
+	if err := os.WriteFile(p, []byte("servers: [127.0.0.1:1]\nprocs: 0\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fc, err := loadConfig(p); err != nil || fc.Procs != 0 {
+		t.Errorf("procs: 0: got %d, %v; want 0 (Go's default)", fc.Procs, err)
 	}
 }
 

@@ -7,9 +7,9 @@
 #   3. herd: N clients miss one key at once and fill on a miss (10ms "query");
 #      database fills and p99 wait, for leaseproxy and, as contrast, nutcracker.
 # Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000]
-# Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; default 0,
-# as leaseproxy's: Go's default, every core), LEASEPROXY_CONNS_PER_SERVER
-# (default 1, as leaseproxy's).
+# Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; unset:
+# leaseproxy's default, 1; 0: Go's default, every core),
+# LEASEPROXY_CONNS_PER_SERVER (default 1, as leaseproxy's).
 # Figures on a shared 2-core machine are only comparable within one run. The
 # CPU time each proxy process used per operation is printed too: it is less
 # sensitive than ops/s to what else runs on the machine.
@@ -62,7 +62,7 @@ hash: ketama
 lease: {ttl: 2s, wait: 250ms, stale: true}
 limits: {max_conns: 19000}
 pool: {conns_per_server: ${LEASEPROXY_CONNS_PER_SERVER:-1}}
-procs: ${LEASEPROXY_PROCS:-0}
+${LEASEPROXY_PROCS:+procs: $LEASEPROXY_PROCS}
 http: {listen: 127.0.0.1:$LPH}
 log: {level: warn}
 YML
