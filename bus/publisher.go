@@ -90,7 +90,8 @@ type PublisherConfig struct {
 	// a larger transaction is split into parts. 0 means 1000.
 	MaxBatchKeys int
 	// Linger is how long a batch of whole transactions may wait for more
-	// before it is published. 0 means 1ms.
+	// before it is published: DefaultPublisherConfig has 200µs; 0
+	// publishes a batch as soon as its transaction ends.
 	Linger time.Duration
 	// MaxInFlight bounds the batches published but not yet acked; the
 	// caller blocks beyond it. 0 means 256.
@@ -102,7 +103,7 @@ type PublisherConfig struct {
 
 // DefaultPublisherConfig returns the defaults.
 func DefaultPublisherConfig() PublisherConfig {
-	c := PublisherConfig{MaxBatchKeys: 1000, Linger: time.Millisecond, MaxInFlight: 256, AckTimeout: 5 * time.Second}
+	c := PublisherConfig{MaxBatchKeys: 1000, Linger: 200 * time.Microsecond, MaxInFlight: 256, AckTimeout: 5 * time.Second}
 	c.Stream.defaults()
 	return c
 }
@@ -149,6 +150,7 @@ type Publisher struct {
 	onDurable func(lsn uint64)
 	queue     chan pending
 	done      chan struct{} // closed when Run has handled the closed queue
+	kick      chan struct{} // a batch started: the linger timer starts
 
 	mu       sync.Mutex // guards cur, seen, started, confirm, part, inTx, txCommit, txTime, closed
 	cur      Batch
@@ -178,6 +180,7 @@ func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger, 
 		js: js, cfg: cfg, log: log, onDurable: onDurable,
 		queue: make(chan pending, cfg.MaxInFlight),
 		done:  make(chan struct{}),
+		kick:  make(chan struct{}, 1),
 		seen:  make(map[string]struct{}, cfg.MaxBatchKeys),
 	}, nil
 }
@@ -202,7 +205,7 @@ func (p *Publisher) Add(ctx context.Context, keys ...string) error {
 			continue
 		}
 		if len(p.cur.Keys) == 0 && p.cur.Txs == 0 {
-			p.started = time.Now()
+			p.startBatch()
 		}
 		p.seen[k] = struct{}{}
 		p.cur.Keys = append(p.cur.Keys, k)
@@ -236,7 +239,7 @@ func (p *Publisher) EndTx(ctx context.Context, endLSN uint64) error {
 		return ErrClosed
 	}
 	if p.cur.Txs == 0 && len(p.cur.Keys) == 0 {
-		p.started = time.Now()
+		p.startBatch()
 	}
 	p.noteTx()
 	p.cur.Txs++
@@ -345,25 +348,56 @@ func (p *Publisher) Run(ctx context.Context) error {
 	}
 }
 
-// linger publishes a batch of whole transactions once it is Linger old.
-func (p *Publisher) linger(ctx context.Context) {
-	tick := p.cfg.Linger / 2
-	if tick <= 0 {
-		tick = 500 * time.Microsecond
+// startBatch notes that cur got its first transaction and starts the
+// linger timer. Called with p.mu held.
+func (p *Publisher) startBatch() {
+	p.started = time.Now()
+	select {
+	case p.kick <- struct{}{}:
+	default:
 	}
-	t := time.NewTicker(tick)
+}
+
+// linger publishes a batch of whole transactions once it is Linger old. It
+// sleeps while no batch is open: an idle publisher costs no wake-ups.
+func (p *Publisher) linger(ctx context.Context) {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
 	defer t.Stop()
+	sleep := func(d time.Duration) bool {
+		t.Reset(d)
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return true
+		}
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-t.C:
+		case <-p.kick:
 		}
-		p.mu.Lock()
-		if !p.closed {
-			_ = p.flushIdle(ctx, p.cfg.Linger) // fails only when ctx ends
+		for {
+			p.mu.Lock()
+			open := !p.closed && (p.cur.Txs > 0 || len(p.cur.Keys) > 0)
+			wait := time.Until(p.started.Add(p.cfg.Linger))
+			if open && wait <= 0 && p.inTx {
+				// A transaction is still coming in: look again soon.
+				wait = max(p.cfg.Linger, 100*time.Microsecond)
+			} else if open && wait <= 0 {
+				_ = p.flushIdle(ctx, p.cfg.Linger) // fails only when ctx ends
+				open = false
+			}
+			p.mu.Unlock()
+			if !open {
+				break
+			}
+			if !sleep(wait) {
+				return
+			}
 		}
-		p.mu.Unlock()
 	}
 }
 
