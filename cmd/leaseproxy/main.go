@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"syscall"
 
@@ -50,6 +51,9 @@ func run() int {
 	defer func() { _ = log.Sync() }()
 	if fc.Procs > 0 {
 		runtime.GOMAXPROCS(fc.Procs)
+	}
+	if _, set := os.LookupEnv("GOGC"); !set && fc.GCPercent > 0 {
+		debug.SetGCPercent(fc.GCPercent)
 	}
 	if err := serve(fc, *path, log); err != nil {
 		log.Error("leaseproxy stopped", zap.Error(err))

@@ -65,6 +65,7 @@ func TestConfigErrors(t *testing.T) {
 		"short ttl":      "servers: [127.0.0.1:1]\nlease: {ttl: 100ms}\n",
 		"bad flush":      "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
 		"negative procs": "servers: [127.0.0.1:1]\nprocs: -1\n",
+		"negative gc_percent": "servers: [127.0.0.1:1]\ngc_percent: -5\n",
 	}
 	for name, body := range tests {
 		t.Run(name, func(t *testing.T) {
