@@ -407,12 +407,25 @@ func (d *daemon) runIncrements(soft context.Context, js jetstream.JetStream, c *
 	}
 	name := d.cfg.Increments.Stream
 	src := natsSource(name)
-	st, err := ensureIncrementStream(soft, js, name, d.cfg.Increments.Placement)
-	if err != nil {
+	// NATS may be restarting or cut off: wait for it rather than exit.
+	var st jetstream.Stream
+	for wait, attempt := 200*time.Millisecond, 1; ; attempt++ {
+		var err error
+		if st, err = ensureIncrementStream(soft, js, name, d.cfg.Increments.Placement); err == nil {
+			break
+		}
 		if soft.Err() != nil {
 			return nil
 		}
-		return err
+		if attempt == 1 || attempt%10 == 0 {
+			log.Warn("increments stream unavailable; retrying", zap.String("stream", name), zap.Int("attempt", attempt), zap.Duration("retry_in", wait), zap.Error(err))
+		}
+		select {
+		case <-soft.Done():
+			return nil
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 5*time.Second)
 	}
 	// Read the checkpoint now, not at start: a hot standby that took
 	// over has an old one.
