@@ -59,12 +59,12 @@ func TestDefaults(t *testing.T) {
 
 func TestConfigErrors(t *testing.T) {
 	tests := map[string]string{
-		"unknown field":  "servers: [127.0.0.1:1]\nbogus: 1\n",
-		"no servers":     "listen: 127.0.0.1:0\n",
-		"bad hash":       "servers: [127.0.0.1:1]\nhash: md4\n",
-		"short ttl":      "servers: [127.0.0.1:1]\nlease: {ttl: 100ms}\n",
-		"bad flush":      "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
-		"negative procs": "servers: [127.0.0.1:1]\nprocs: -1\n",
+		"unknown field":       "servers: [127.0.0.1:1]\nbogus: 1\n",
+		"no servers":          "listen: 127.0.0.1:0\n",
+		"bad hash":            "servers: [127.0.0.1:1]\nhash: md4\n",
+		"short ttl":           "servers: [127.0.0.1:1]\nlease: {ttl: 100ms}\n",
+		"bad flush":           "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
+		"negative procs":      "servers: [127.0.0.1:1]\nprocs: -1\n",
 		"negative gc_percent": "servers: [127.0.0.1:1]\ngc_percent: -5\n",
 	}
 	for name, body := range tests {
