@@ -1,9 +1,7 @@
 package bench
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -248,38 +246,10 @@ func (p *invalidator) dumpMetrics() {
 
 var httpc = &http.Client{Timeout: 2 * time.Second}
 
-// metric reads one unlabelled (or first labelled) sample from /metrics.
+// metric reads one metric from the process's /metrics.
 func (p *invalidator) metric(name string) (float64, error) {
-	resp, err := httpc.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", p.port))
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	return findMetric(resp.Body, name)
+	return testenv.Metric(context.Background(), fmt.Sprintf("127.0.0.1:%d", p.port), name)
 }
-
-// findMetric returns the first sample of name in a Prometheus text page.
-func findMetric(r io.Reader, name string) (float64, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) || len(line) == len(name) {
-			continue
-		}
-		if c := line[len(name)]; c != ' ' && c != '{' {
-			continue
-		}
-		f := strings.Fields(line)
-		return strconv.ParseFloat(f[len(f)-1], 64)
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, fmt.Errorf("metric %s: %w", name, errNoMetric)
-}
-
-var errNoMetric = errors.New("not exported")
 
 // ready waits until /readyz answers 200.
 func (p *invalidator) ready(ctx context.Context) {

@@ -1,21 +1,19 @@
 package chaos
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/testenv"
 )
 
 // Binaries are the daemons a World runs.
@@ -185,44 +183,12 @@ func (p *Proc) LogTail(n int) string {
 	return string(b)
 }
 
-var httpc = &http.Client{Timeout: 2 * time.Second}
-
-// Metric reads the first sample of name from the process's /metrics.
+// Metric reads one metric from the process's /metrics.
 func (p *Proc) Metric(ctx context.Context, name string) (float64, error) {
 	if p.httpPort == 0 {
 		return 0, fmt.Errorf("%s: no http listener", p.Name)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/metrics", p.httpPort), nil)
-	if err != nil {
-		return 0, err
-	}
-	resp, err := httpc.Do(req)
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	return findMetric(resp.Body, name)
-}
-
-// findMetric returns the first sample of name in a Prometheus text page.
-func findMetric(r io.Reader, name string) (float64, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, name) || len(line) == len(name) {
-			continue
-		}
-		if c := line[len(name)]; c != ' ' && c != '{' {
-			continue
-		}
-		f := strings.Fields(line)
-		return strconv.ParseFloat(f[len(f)-1], 64)
-	}
-	if err := sc.Err(); err != nil {
-		return 0, err
-	}
-	return 0, fmt.Errorf("metric %s not exported", name)
+	return testenv.Metric(ctx, fmt.Sprintf("127.0.0.1:%d", p.httpPort), name)
 }
 
 // lastLogLine is the last non-empty line of a log, shortened.

@@ -1,41 +1,23 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+
+	"github.com/pgcache/pgcache/testenv"
 )
 
-// scrape sums every sample of each metric on a /metrics page.
+// scrape reads a daemon's metrics, each summed over its labels; empty
+// when the daemon does not answer.
 func scrape(addr string) map[string]float64 {
-	out := map[string]float64{}
-	resp, err := httpc.Get("http://" + addr + "/metrics")
+	m, err := testenv.Metrics(context.Background(), addr)
 	if err != nil {
-		return out
+		return map[string]float64{}
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || line[0] == '#' {
-			continue
-		}
-		name := line
-		if i := strings.IndexAny(line, "{ "); i >= 0 {
-			name = line[:i]
-		}
-		f := strings.Fields(line)
-		if v, err := strconv.ParseFloat(f[len(f)-1], 64); err == nil {
-			out[name] += v
-		}
-	}
-	return out
+	return m
 }
 
 // counterCheck compares one counter with COUNT(*) on the primary; it
