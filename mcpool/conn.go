@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -50,6 +51,9 @@ func (c ConnConfig) Validate() error {
 type result struct {
 	resp Response
 	err  error
+	// abandoned: the request timed out (Config.Timeout) while still in
+	// the pipeline; the reader holds it until its response comes.
+	abandoned bool
 }
 
 // request is one request and, once sent, the place its result is
@@ -64,6 +68,20 @@ type request struct {
 	buf    []byte // wire bytes, with "mn\r\n" after a quiet request
 	err    error  // why the request could not be built
 	done   chan result
+	// due is the expiry tick at which the request times out while in
+	// the pipeline (Config.Timeout; see expiry), 0 for none.
+	due int64
+	// answered is set by the first of the reader, the drain and the
+	// expiry to deliver a result: exactly one goes into done.
+	answered atomic.Bool
+}
+
+// deliver puts res into r.done unless r has had its result. It never
+// blocks: done has room for the one result.
+func (r *request) deliver(res result) {
+	if r.answered.CompareAndSwap(false, true) {
+		r.done <- res
+	}
 }
 
 var reqPool = sync.Pool{New: func() any {
@@ -102,7 +120,8 @@ func (r *request) release() {
 	if cap(r.buf) > 4<<10 {
 		r.buf = nil
 	}
-	r.buf, r.err, r.quiet, r.kind = r.buf[:0], nil, false, 0
+	r.buf, r.err, r.quiet, r.kind, r.due = r.buf[:0], nil, false, 0, 0
+	r.answered.Store(false)
 	reqPool.Put(r)
 }
 
@@ -275,7 +294,28 @@ func (c *Conn) drain() {
 	defer c.mu.Unlock()
 	for r := c.pending.pop(); r != nil; r = c.pending.pop() {
 		<-c.slots
-		r.done <- result{err: c.err}
+		r.deliver(result{err: c.err})
+	}
+}
+
+// expire times out the requests in the pipeline whose due tick has come
+// (tick >= due). They stay in pending: their responses are read and
+// dropped. The walk ends at the first request not yet due, as requests
+// join pending in about the order of their due ticks (one tick apart at
+// most: a later one is timed out a tick late).
+func (c *Conn) expire(tick int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	q := &c.pending
+	for i := 0; i < q.n; i++ {
+		r := q.buf[(q.head+i)%len(q.buf)]
+		switch {
+		case r.due == 0: // its ctx has a deadline: not ours to end
+		case r.due <= tick:
+			r.deliver(result{err: errDefaultTimeout, abandoned: true})
+		default:
+			return
+		}
 	}
 }
 
@@ -433,7 +473,7 @@ func (c *Conn) readLoop() {
 			res = result{err: c.err}
 		}
 		<-c.slots // before the answer, so InFlight is exact once it is seen
-		r.done <- res
+		r.deliver(res)
 		if err != nil {
 			return
 		}
@@ -444,10 +484,7 @@ func (c *Conn) readLoop() {
 // is unusable; a server error line is a result.
 func (c *Conn) readOne(r *request) (result, error) {
 	resp, err := readResponse(c.br, c.cfg.MaxValueSize)
-	var se *ServerError
-	switch {
-	case errors.As(err, &se):
-	case err != nil:
+	if err != nil && !isServerError(err) {
 		return result{}, fmt.Errorf("read: %w", err)
 	}
 	if !r.quiet {
@@ -478,6 +515,14 @@ func quietResponse(kind byte) Response {
 	return Response{Status: st, Quiet: true}
 }
 
+// isServerError reports whether err is a *ServerError: the server
+// answered. (Its own function: errors.As's target escapes, and would cost
+// an allocation per response where no error came.)
+func isServerError(err error) bool {
+	var se *ServerError
+	return errors.As(err, &se)
+}
+
 func isTimeout(err error) bool {
 	return errors.Is(err, os.ErrDeadlineExceeded)
 }
@@ -485,7 +530,7 @@ func isTimeout(err error) bool {
 // start sends r (see send for corked). It returns an error when r was
 // not sent. expired, if not nil, is a deadline that applies besides
 // ctx's.
-func (c *Conn) start(ctx context.Context, expired <-chan time.Time, r *request, corked bool) error {
+func (c *Conn) start(ctx context.Context, expired <-chan struct{}, r *request, corked bool) error {
 	if r.err != nil {
 		return r.err
 	}
@@ -523,25 +568,25 @@ func (c *Conn) start(ctx context.Context, expired <-chan time.Time, r *request, 
 }
 
 // wait returns r's result, or gives up when ctx is done. A request given
-// up has its response read and dropped; ok is false then, and r must not
-// be released.
-func (c *Conn) wait(ctx context.Context, expired <-chan time.Time, r *request) (resp Response, ok bool, err error) {
-	select {
-	case res := <-r.done:
-		return res.resp, true, res.err
-	default:
+// up, or timed out by the expiry (r.due), has its response read and
+// dropped; ok is false then, and r must not be released. With no ctx to
+// watch (the proxy's case) this is a plain channel receive, not a select:
+// that saves about 2% of the proxy's CPU.
+func (c *Conn) wait(ctx context.Context, r *request) (resp Response, ok bool, err error) {
+	done := ctx.Done()
+	if done == nil {
+		res := <-r.done
+		return res.resp, !res.abandoned, res.err
 	}
 	select {
 	case res := <-r.done:
-		return res.resp, true, res.err
-	case <-ctx.Done():
+		return res.resp, !res.abandoned, res.err
+	case <-done:
 		err = ctxError(ctx)
-	case <-expired:
-		err = errDefaultTimeout
 	}
 	select {
 	case res := <-r.done: // it raced in
-		return res.resp, true, res.err
+		return res.resp, !res.abandoned, res.err
 	default:
 	}
 	return Response{}, false, err
@@ -552,7 +597,7 @@ func (c *Conn) roundTrip(ctx context.Context, r *request) (Response, error) {
 		r.release()
 		return Response{}, err
 	}
-	resp, ok, err := c.wait(ctx, nil, r)
+	resp, ok, err := c.wait(ctx, r)
 	if ok {
 		r.release()
 	}

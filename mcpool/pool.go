@@ -21,8 +21,9 @@ type Config struct {
 	Hash string
 	// ConnsPerServer is the number of pipelined connections per server.
 	ConnsPerServer int
-	// Timeout is the deadline of a request whose ctx has none. A ctx
-	// deadline always wins, longer or shorter.
+	// Timeout is the deadline of a request whose ctx has none: it fails
+	// with ErrTimeout between Timeout and Timeout + Timeout/8 after it
+	// began. A ctx deadline always wins, longer or shorter.
 	Timeout time.Duration
 	// DialTimeout bounds one connection attempt.
 	DialTimeout time.Duration
@@ -128,6 +129,7 @@ type Pool struct {
 	log     *zap.Logger
 	ring    *Ring
 	servers []*server
+	exp     *expiry
 
 	closing   chan struct{}
 	closeOnce sync.Once
@@ -174,6 +176,7 @@ func New(cfg Config, log *zap.Logger) (*Pool, error) {
 		connCfg: cfg.connConfig(),
 		log:     log,
 		ring:    ring,
+		exp:     newExpiry(cfg.Timeout),
 		closing: make(chan struct{}),
 	}
 	for i := 0; i < ring.Len(); i++ {
@@ -184,7 +187,13 @@ func New(cfg Config, log *zap.Logger) (*Pool, error) {
 		}
 		p.servers = append(p.servers, s)
 	}
-	// Every server and slot exists before the first manager runs.
+	// Every server and slot exists before the first manager and the
+	// expiry run.
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.exp.run(p.closing, p.expire)
+	}()
 	for _, s := range p.servers {
 		for _, slot := range s.slots {
 			p.wg.Add(1)
@@ -296,7 +305,7 @@ func (p *Pool) manage(s *server, slot *connSlot) {
 // conn returns a working connection to s, or an ErrServerDown error.
 // Right after New, while no connection to s is up yet and some first
 // attempts are still under way, it waits for them (within ctx).
-func (s *server) conn(ctx context.Context, expired <-chan time.Time) (*Conn, error) {
+func (s *server) conn(ctx context.Context, expired <-chan struct{}) (*Conn, error) {
 	if c := s.pick(); c != nil {
 		return c, nil
 	}
@@ -333,39 +342,29 @@ func (s *server) pick() *Conn {
 	return nil
 }
 
-var timerPool sync.Pool
+// expire times out, on every connection, the requests due at tick.
+func (p *Pool) expire(tick int64) {
+	for _, s := range p.servers {
+		for _, slot := range s.slots {
+			if c := slot.conn.Load(); c != nil {
+				c.expire(tick)
+			}
+		}
+	}
+}
 
-// deadline returns a timer for Config.Timeout when ctx has no deadline,
-// nil when it has one. A timer, cheaper than a context, goes back with
-// putTimer.
-func (p *Pool) deadline(ctx context.Context) *time.Timer {
+// expired returns the channel that ends a request begun now, when ctx
+// has no deadline (Config.Timeout); nil when it has one.
+func (p *Pool) expired(ctx context.Context) <-chan struct{} {
 	if _, ok := ctx.Deadline(); ok {
 		return nil
 	}
-	if t, _ := timerPool.Get().(*time.Timer); t != nil {
-		t.Reset(p.cfg.Timeout)
-		return t
-	}
-	return time.NewTimer(p.cfg.Timeout)
-}
-
-func putTimer(t *time.Timer) {
-	if t != nil {
-		t.Stop() // since Go 1.23 no stale tick survives Stop and Reset
-		timerPool.Put(t)
-	}
-}
-
-func timerC(t *time.Timer) <-chan time.Time {
-	if t == nil {
-		return nil
-	}
-	return t.C
+	return p.exp.C()
 }
 
 // begin admits a request to server idx and starts it. On success the
 // caller must call finish with the request's outcome.
-func (p *Pool) begin(ctx context.Context, expired <-chan time.Time, s *server, r *request, corked bool) (c *Conn, probe bool, err error) {
+func (p *Pool) begin(ctx context.Context, expired <-chan struct{}, s *server, r *request, corked bool) (c *Conn, probe bool, err error) {
 	select {
 	case <-p.closing:
 		return nil, false, ErrClosed
@@ -407,15 +406,17 @@ func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) 
 	if err := ctx.Err(); err != nil {
 		return Response{}, err
 	}
-	t := p.deadline(ctx)
-	defer putTimer(t)
+	expired := p.expired(ctx)
+	if expired != nil {
+		r.due = p.exp.due()
+	}
 	s := p.servers[idx]
-	c, probe, err := p.begin(ctx, timerC(t), s, r, false)
+	c, probe, err := p.begin(ctx, expired, s, r, false)
 	if err != nil {
 		r.release()
 		return Response{}, err
 	}
-	resp, ok, err := c.wait(ctx, timerC(t), r)
+	resp, ok, err := c.wait(ctx, r)
 	if ok {
 		r.release()
 	}
@@ -543,14 +544,7 @@ func (p *Pool) MetaGetMulti(ctx context.Context, keys []string, flags ...string)
 // answers: done for a request that was sent, failed for one that was not.
 func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build func(string) *request,
 	done func(i int, resp Response, err error), failed func(i int, err error)) {
-	// One context for the batch: a timer's single tick could not end
-	// every wait.
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, p.cfg.Timeout)
-		defer cancel()
-	}
-	var expired <-chan time.Time
+	expired := p.expired(ctx) // one channel ends every wait of the batch
 	type started struct {
 		s     *server
 		c     *Conn
@@ -561,6 +555,9 @@ func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build 
 	var conns []*Conn // to flush, each once
 	for i, k := range keys {
 		r := build(k)
+		if expired != nil {
+			r.due = p.exp.due()
+		}
 		s := p.servers[p.ring.Pick(placementKey(k, encoded))]
 		c, probe, err := p.begin(ctx, expired, s, r, true)
 		if err != nil {
@@ -580,7 +577,7 @@ func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build 
 		if st.c == nil {
 			continue
 		}
-		resp, ok, err := st.c.wait(ctx, expired, st.r)
+		resp, ok, err := st.c.wait(ctx, st.r)
 		if ok {
 			st.r.release()
 		}

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"strconv"
 	"sync"
@@ -601,22 +603,74 @@ func processStopped(t *testing.T, pid int) bool {
 	return true
 }
 
-// TestCtxDeadlineWins checks that a ctx deadline is used even when it is
-// longer than Config.Timeout, and that a cancelled ctx is not retryable.
+// silentServer accepts connections and reads them without ever
+// answering, until the test ends.
+func silentServer(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			go func() { _, _ = io.Copy(io.Discard, c) }()
+		}
+	}()
+	return l.Addr().String()
+}
+
+// TestCtxDeadlineWins checks, against a server that never answers, that
+// Config.Timeout ends a request whose ctx has no deadline (not before
+// Timeout), that a ctx deadline is used even when it is longer, and that
+// a cancelled ctx is not retryable.
 func TestCtxDeadlineWins(t *testing.T) {
-	mcs := testenv.NewMemcacheds(t, 1)
-	pool := newTestPool(t, addrsOf(mcs), func(c *Config) { c.Timeout = time.Nanosecond })
-	// With no deadline, Config.Timeout (1ns) applies.
+	const timeout = 80 * time.Millisecond
+	pool := newTestPool(t, []string{silentServer(t)}, func(c *Config) {
+		c.Timeout = timeout
+		c.IOTimeout = 5 * time.Second // longer than the deadlines under test
+		// One request in flight: the first is timed out in the pipeline,
+		// those after it while they wait for the slot it keeps.
+		c.ConnsPerServer, c.MaxInFlight = 1, 1
+		c.Breaker.Failures = 100 // timeouts would open it
+	})
+	start := time.Now()
 	if _, err := pool.MetaGet(context.Background(), "k", "v"); !errors.Is(err, ErrTimeout) {
-		t.Fatalf("mg with a 1ns default timeout got %v; want ErrTimeout", err)
+		t.Fatalf("mg with no ctx deadline got %v; want ErrTimeout", err)
 	}
-	// A ctx deadline replaces it.
-	if resp, err := pool.MetaGet(testCtx(t), "k", "v"); err != nil || resp.Status != StatusEN {
-		t.Fatalf("mg with a ctx deadline got %+v, %v; want EN", resp, err)
+	if d := time.Since(start); d < timeout {
+		t.Fatalf("Config.Timeout (%s) ended the request after %s", timeout, d)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if _, err := pool.MetaGet(ctx, "k", "v"); !errors.Is(err, context.Canceled) || Retryable(err) {
+	// A longer ctx deadline replaces it.
+	const longer = 4 * timeout
+	ctx, cancel := context.WithTimeout(context.Background(), longer)
+	defer cancel()
+	start = time.Now()
+	if _, err := pool.MetaGet(ctx, "k", "v"); !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("mg with a ctx deadline got %v; want ErrTimeout and DeadlineExceeded", err)
+	}
+	if d := time.Since(start); d < longer {
+		t.Fatalf("the ctx deadline (%s) ended the request after %s", longer, d)
+	}
+	// The same for a pipelined multi-get.
+	start = time.Now()
+	_, errs := pool.MetaGetMulti(context.Background(), []string{"a", "b", "c"}, "v")
+	for i, err := range errs {
+		if !errors.Is(err, ErrTimeout) {
+			t.Fatalf("multi-get key %d got %v; want ErrTimeout", i, err)
+		}
+	}
+	if d := time.Since(start); d < timeout {
+		t.Fatalf("Config.Timeout (%s) ended the multi-get after %s", timeout, d)
+	}
+	cctx, ccancel := context.WithCancel(context.Background())
+	ccancel()
+	if _, err := pool.MetaGet(cctx, "k", "v"); !errors.Is(err, context.Canceled) || Retryable(err) {
 		t.Fatalf("mg with a cancelled ctx got %v; want a non-retryable context.Canceled", err)
 	}
 }
