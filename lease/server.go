@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -232,6 +233,13 @@ func (c *conn) serve(ctx context.Context) {
 				if err := c.bw.Flush(); err != nil {
 					return
 				}
+				// The client has only now got its reply: its next
+				// request cannot be here yet. Let the other runnable
+				// connections go first, so that the read below more often
+				// finds it than fails with EAGAIN and parks (0.16 failed
+				// reads per request instead of 0.68 under memcaslap; about
+				// 2% more throughput, BENCHMARKS.md).
+				runtime.Gosched()
 			}
 			// Order matters against Drain: deadline first, then the check,
 			// so a drain that nudged before this deadline is still seen.

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pgcache/pgcache/testenv"
+	"golang.org/x/sync/errgroup"
 )
 
 func testCtx(t *testing.T) context.Context {
@@ -753,5 +755,60 @@ func TestRetryable(t *testing.T) {
 		if got := Retryable(tt.err); got != tt.want {
 			t.Errorf("Retryable(%v) got %v; want %v", tt.err, got, tt.want)
 		}
+	}
+}
+
+// TestSlotWaiters: with MaxInFlight 2 and 64 callers on one connection,
+// most wait for a slot at any moment; every request is answered, never
+// more than 2 are in flight, and none is left counted at the end.
+func TestSlotWaiters(t *testing.T) {
+	mcs := testenv.NewMemcacheds(t, 1)
+	c, err := Dial(testCtx(t), mcs[0].Addr, ConnConfig{MaxInFlight: 2, IOTimeout: 5 * time.Second, MaxValueSize: 1024})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx := testCtx(t)
+	stop := make(chan struct{})
+	over := make(chan int, 1)
+	go func() { // watch the count
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if n := c.InFlight(); n > 2 {
+				select {
+				case over <- n:
+				default:
+				}
+			}
+			runtime.Gosched()
+		}
+	}()
+	var g errgroup.Group
+	for i := range 64 {
+		g.Go(func() error {
+			for j := range 300 {
+				if _, err := c.MetaGet(ctx, fmt.Sprintf("k%d-%d", i, j), "v"); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	err = g.Wait()
+	close(stop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-over:
+		t.Fatalf("%d requests in flight; MaxInFlight is 2", n)
+	default:
+	}
+	if n := c.InFlight(); n != 0 {
+		t.Fatalf("InFlight is %d after every request was answered; want 0", n)
 	}
 }
