@@ -13,4 +13,5 @@ echo "== counters (issue 5): deltas absorbed by the batcher, and the batcher vs 
 go test -run '^$' -bench Absorb -benchtime 1000000x ./batcher/
 go test -run '^$' -bench VersusNaive -benchtime 30000x ./batcher/
 echo "== leaseproxy vs memcached direct vs nutcracker (memcaslap, own load generator, herd)"
-bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-10}"
+# 5 rounds of 5 s per target, taking turns (see the script).
+bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-5}" 10,100,1000,10000 "${BENCH_ROUNDS:-5}"

@@ -6,16 +6,19 @@
 #   2. latency: p50/p99 of the same mix from leaseproxyload;
 #   3. herd: N clients miss one key at once and fill on a miss (10ms "query");
 #      database fills and p99 wait, for leaseproxy and, as contrast, nutcracker.
-# Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000]
+# Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000] [rounds, default 3]
 # Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; unset:
 # leaseproxy's default, 1; 0: Go's default, every core),
 # LEASEPROXY_CONNS_PER_SERVER (default 1, as leaseproxy's).
-# Figures on a shared 2-core machine are only comparable within one run. The
+# Figures on a shared 2-core machine are only comparable within one run, so
+# 1 and 2 take turns between the targets, round after round, and report the
+# median over the rounds of each ratio taken within a round. The
 # CPU time each proxy process used per operation is printed too: it is less
 # sensitive than ops/s to what else runs on the machine.
 set -euo pipefail
 DUR=${1:-10}
 HERD=${2:-10,100,1000,10000}
+ROUNDS=${3:-3}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/leaseproxy-bench.XXXXXX)
 PIDS=()
@@ -71,29 +74,54 @@ for p in $M1 $M2 $NC $LP; do waitport "$p"; done
 
 # cputicks PID: user+system CPU time of a process, in clock ticks.
 cputicks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-echo "== throughput: memcaslap -T 2 -c 32 -X 100 -t ${DUR}s (9 get : 1 set)"
-declare -A TPS
-for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "leaseproxy=127.0.0.1:$LP=$LPPID"; do
-	name=${t%%=*}; rest=${t#*=}; addr=${rest%%=*}; pid=${rest#*=}
-	[ -n "$pid" ] && c0=$(cputicks "$pid")
-	out=$(memcaslap -s "$addr" -T 2 -c 32 -X 100 -t "${DUR}s" 2>&1)
-	tps=$(echo "$out" | sed -n 's/.*TPS: \([0-9]*\).*/\1/p' | tail -1)
-	errs=$(echo "$out" | grep -c 'ERROR' || true)
-	TPS[$name]=${tps:-0}
-	cpu=""
-	if [ -n "$pid" ] && [ "${tps:-0}" -gt 0 ]; then
-		c1=$(cputicks "$pid")
-		cpu=$(awk -v t="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v n="$tps" -v d="$DUR" \
-			'BEGIN { printf "  proxy CPU %.2f cores, %.1f us/op", t/hz/d, t/hz*1e6/(n*d) }')
-	fi
-	printf "%-12s %10s ops/s  (error lines: %s)%s\n" "$name" "${tps:-?}" "$errs" "$cpu"
+HZ=$(getconf CLK_TCK)
+# The targets take turns, round after round, so that a change in what else
+# the shared machine runs hits all of them alike; each ratio compares two
+# targets within a round, and the summary is the median over the rounds.
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo "== throughput: memcaslap -T 2 -c 32 -X 100 -t ${DUR}s (9 get : 1 set), $ROUNDS rounds"
+declare -A CPU
+RATIOS_N=(); RATIOS_M=()
+for r in $(seq "$ROUNDS"); do
+	declare -A TPS=()
+	line="round $r:"
+	for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "leaseproxy=127.0.0.1:$LP=$LPPID"; do
+		name=${t%%=*}; rest=${t#*=}; addr=${rest%%=*}; pid=${rest#*=}
+		[ -n "$pid" ] && c0=$(cputicks "$pid")
+		out=$(memcaslap -s "$addr" -T 2 -c 32 -X 100 -t "${DUR}s" 2>&1)
+		tps=$(echo "$out" | sed -n 's/.*TPS: \([0-9]*\).*/\1/p' | tail -1)
+		if [ -z "$tps" ] || [ "$tps" -eq 0 ] || echo "$out" | grep -q ERROR; then
+			echo "memcaslap against $name failed:" >&2; echo "$out" | tail -5 >&2; exit 1
+		fi
+		TPS[$name]=$tps
+		[ -n "$pid" ] && CPU[$name]="${CPU[$name]:-} $(( $(cputicks "$pid") - c0 )):$tps"
+		line="$line  $name $tps"
+	done
+	echo "$line ops/s"
+	RATIOS_N+=("$(awk -v l="${TPS[leaseproxy]}" -v n="${TPS[nutcracker]}" 'BEGIN { printf "%.3f", l/n }')")
+	RATIOS_M+=("$(awk -v l="${TPS[leaseproxy]}" -v n="${TPS[nutcracker]}" -v m="${TPS[memcached]}" 'BEGIN { printf "%.3f %.3f", l/m, n/m }')")
 done
-awk -v m="${TPS[memcached]}" -v n="${TPS[nutcracker]}" -v l="${TPS[leaseproxy]}" 'BEGIN {
-	printf "ratios: leaseproxy/nutcracker %.2f  leaseproxy/memcached %.2f  nutcracker/memcached %.2f\n", l/n, l/m, n/m }'
+for name in nutcracker leaseproxy; do
+	# CPU time the proxy process used per operation, over all rounds.
+	echo "${CPU[$name]}" | tr ' ' '\n' | awk -F: -v n="$name" -v hz="$HZ" -v d="$DUR" 'NF == 2 { t += $1; ops += $2 * d }
+		END { printf "%-12s proxy CPU %.1f us/op\n", n, t/hz*1e6/ops }'
+done
+echo "ratios per round, leaseproxy/nutcracker: ${RATIOS_N[*]}"
+printf 'median ratios: leaseproxy/nutcracker %s  leaseproxy/memcached %s  nutcracker/memcached %s\n' \
+	"$(printf '%s\n' "${RATIOS_N[@]}" | median)" \
+	"$(printf '%s\n' "${RATIOS_M[@]}" | awk '{print $1}' | median)" \
+	"$(printf '%s\n' "${RATIOS_M[@]}" | awk '{print $2}' | median)"
 
-echo "== latency: leaseproxyload -conns 32 -duration ${DUR}s (100-byte values, 9 get : 1 set)"
-"$WORK/leaseproxyload" -mode mix -duration "${DUR}s" -conns 32 -size 100 \
-	-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,leaseproxy=127.0.0.1:$LP"
+echo "== latency: leaseproxyload -conns 32 -duration ${DUR}s (100-byte values, 9 get : 1 set), $ROUNDS rounds"
+P99_RATIOS=()
+for r in $(seq "$ROUNDS"); do
+	out=$("$WORK/leaseproxyload" -mode mix -duration "${DUR}s" -conns 32 -size 100 \
+		-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,leaseproxy=127.0.0.1:$LP")
+	echo "$out" | sed "s/^/round $r: /"
+	P99_RATIOS+=("$(echo "$out" | awk '$1 == "nutcracker" { n = $4 } $1 == "leaseproxy" { l = $4 } END { printf "%.3f", l/n }')")
+done
+echo "p99 ratios per round, leaseproxy/nutcracker: ${P99_RATIOS[*]}"
+echo "median p99 ratio: leaseproxy/nutcracker $(printf '%s\n' "${P99_RATIOS[@]}" | median)"
 
 echo "== herd: N clients miss one key at once; a miss fills (10ms) and sets"
 "$WORK/leaseproxyload" -mode herd -n "$HERD" -fill 10ms -targets "leaseproxy=127.0.0.1:$LP,nutcracker=127.0.0.1:$NC"
