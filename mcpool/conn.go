@@ -180,9 +180,10 @@ type Conn struct {
 	br   *bufio.Reader
 
 	// inflight counts the requests sent and not yet answered, at most
-	// MaxInFlight (a semaphore; atomics, as channel operations cost the
-	// proxy about 1.5% of its CPU). Callers waiting for a slot register
-	// in waiting and are woken through slotFree.
+	// MaxInFlight: a semaphore of atomics, so that the fast path takes
+	// no lock (a channel's send and receive take one each). Callers
+	// waiting for a slot register in waiting and are woken through
+	// slotFree.
 	inflight atomic.Int32
 	waiting  atomic.Int32
 	slotFree chan struct{}

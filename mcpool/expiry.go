@@ -6,7 +6,7 @@ import (
 )
 
 // expiryTicks is the number of ticks in Config.Timeout: a request whose
-// ctx has no deadline fails between Timeout and about Timeout + 2*Timeout/8
+// ctx has no deadline fails between Timeout and Timeout + Timeout/4
 // after it began.
 const expiryTicks = 8
 

@@ -22,7 +22,7 @@ type Config struct {
 	// ConnsPerServer is the number of pipelined connections per server.
 	ConnsPerServer int
 	// Timeout is the deadline of a request whose ctx has none: it fails
-	// with ErrTimeout between Timeout and Timeout + Timeout/8 after it
+	// with ErrTimeout between Timeout and Timeout + Timeout/4 after it
 	// began. A ctx deadline always wins, longer or shorter.
 	Timeout time.Duration
 	// DialTimeout bounds one connection attempt.
