@@ -36,6 +36,12 @@ type Backend interface {
 	FlushAll(ctx context.Context, delay int64) error
 	// Pick returns the index of the server that holds key.
 	Pick(key string) int
+	// MetaGetOn, MetaSetOn and MetaDeleteOn send their request to server
+	// i (from Pick), wherever key would go: lease records sit on their
+	// key's server.
+	MetaGetOn(ctx context.Context, i int, key string, flags ...string) (mcpool.Response, error)
+	MetaSetOn(ctx context.Context, i int, key string, value []byte, opt mcpool.SetOptions) (mcpool.Response, error)
+	MetaDeleteOn(ctx context.Context, i int, key string, opt mcpool.DeleteOptions) (mcpool.Response, error)
 }
 
 // PoolBackend is a Backend on an *mcpool.Pool. mcpool speaks only the meta

@@ -100,8 +100,8 @@
 // write. Lease.ForeignSet decides:
 //
 //   - "check" (default): on a win, A also writes the lease record to
-//     memcached, under RecordPrefix+key+"#n" (n picked so that the record
-//     sits on the key's own server: a dead server fails only its keys),
+//     memcached, under RecordPrefix+key, on the key's own server (not
+//     where that name would hash: a dead server fails only its keys),
 //     with the CAS as value and twice the lease TTL. B, holding no
 //     record, reads it: if there is one, B
 //     stores with C<cas> exactly as A would, so an invalidation since the

@@ -247,6 +247,19 @@ func (f *fakeBackend) FlushAll(context.Context, int64) error {
 
 func (f *fakeBackend) Pick(string) int { return 0 }
 
+// The fake is one server: the On requests go where the plain ones do.
+func (f *fakeBackend) MetaGetOn(ctx context.Context, _ int, key string, flags ...string) (mcpool.Response, error) {
+	return f.MetaGet(ctx, key, flags...)
+}
+
+func (f *fakeBackend) MetaSetOn(ctx context.Context, _ int, key string, value []byte, opt mcpool.SetOptions) (mcpool.Response, error) {
+	return f.MetaSet(ctx, key, value, opt)
+}
+
+func (f *fakeBackend) MetaDeleteOn(ctx context.Context, _ int, key string, opt mcpool.DeleteOptions) (mcpool.Response, error) {
+	return f.MetaDelete(ctx, key, opt)
+}
+
 // markStale is the purger's md I.
 func (f *fakeBackend) markStale(key string) {
 	_, _ = f.MetaDelete(context.Background(), key, mcpool.DeleteOptions{Invalidate: true})

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pgcache/pgcache/mcpool"
 )
 
 // herdResult is what one client of a herd saw.
@@ -335,6 +337,54 @@ func TestForeignSet(t *testing.T) {
 				t.Errorf("plain write: got %q; want %q", got, tt.plain)
 			}
 		})
+	}
+}
+
+// TestLeaseRecordPlacement: the lease record sits on its key's server,
+// though its own name hashes to the other one, and a fill at another
+// proxy is checked against it there: refused after an invalidation.
+func TestLeaseRecordPlacement(t *testing.T) {
+	addrs, _ := memcachedAddrs(t, 2)
+	cfg := testConfig()
+	a, b := startProxy(t, cfg, addrs), startProxy(t, cfg, addrs)
+	ring := a.Pool.Ring()
+	var key string
+	for i := 0; key == ""; i++ {
+		if k := fmt.Sprintf("place:%d", i); ring.Pick(k) != ring.Pick(cfg.Lease.RecordPrefix+k) {
+			key = k
+		}
+	}
+	if _, ok := dial(t, a.Addr).get1(key); ok {
+		t.Fatal("got a hit; want a miss that wins the lease")
+	}
+	// The record is written after the winner's reply: wait for it.
+	own := ring.Pick(key)
+	ctx := context.Background()
+	for i, addr := range addrs {
+		c, err := mcpool.Dial(ctx, addr, mcpool.DefaultConnConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			resp, err := c.MetaGet(ctx, cfg.Lease.RecordPrefix+key, "v")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if found = resp.Status == mcpool.StatusVA; found || i != own {
+				break
+			}
+		}
+		c.Close()
+		if found != (i == own) {
+			t.Fatalf("lease record on server %d: %v; want it on the key's server (%d) only", i, found, own)
+		}
+	}
+	if err := a.Pool.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	if got := dial(t, b.Addr).set(key, "old-row"); got != "NOT_STORED" {
+		t.Fatalf("stale fill at the other proxy: got %q; want NOT_STORED", got)
 	}
 }
 

@@ -331,7 +331,7 @@ func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *
 	if l.cfg.ForeignSet != ForeignCheck {
 		return
 	}
-	_, err := l.be.MetaSet(ctx, l.recordKey(key), strconv.AppendUint(nil, resp.CAS, 10),
+	_, err := l.be.MetaSetOn(ctx, l.be.Pick(key), l.recordKey(key), strconv.AppendUint(nil, resp.CAS, 10),
 		mcpool.SetOptions{TTL: 2 * time.Duration(l.cfg.ttlSeconds()) * time.Second})
 	if err != nil {
 		l.st.backendErrors.Add(1)
@@ -444,7 +444,7 @@ func (l *leaser) fill(ctx context.Context, key string, value []byte, flags uint3
 		l.st.refused.Add(1)
 		return fillRefused, nil
 	}
-	resp, err := l.be.MetaGet(ctx, l.recordKey(key), "v")
+	resp, err := l.be.MetaGetOn(ctx, l.be.Pick(key), l.recordKey(key), "v")
 	if err != nil {
 		// Without the record the fill cannot be checked: refusing costs a
 		// miss, storing might store a stale value (I2). The client gets
@@ -502,34 +502,28 @@ func (l *leaser) cleanupRecord(key string, cas uint64) {
 	go func() {
 		defer l.wg.Done()
 		ctx := context.Background()
-		rk := l.recordKey(key)
-		resp, err := l.be.MetaGet(ctx, rk, "v", "c")
+		rk, i := l.recordKey(key), l.be.Pick(key)
+		resp, err := l.be.MetaGetOn(ctx, i, rk, "v", "c")
 		if err != nil || resp.Status != mcpool.StatusVA || string(resp.Value) != strconv.FormatUint(cas, 10) {
 			return
 		}
-		_, _ = l.be.MetaDelete(ctx, rk, mcpool.DeleteOptions{CAS: resp.CAS})
+		_, _ = l.be.MetaDeleteOn(ctx, i, rk, mcpool.DeleteOptions{CAS: resp.CAS})
 	}()
 }
 
-// recordKey is the memcached key of key's lease record. It lives on the
-// same server as key, so that a dead server fails only its own keys: the
-// name is RecordPrefix+key, or RecordPrefix+"sha256:"+hex when that is
-// longer than 250 bytes, followed by "#n" with the smallest n that places
-// it there. Every proxy with the same server list computes the same name.
+// recordKey is the memcached key of key's lease record:
+// RecordPrefix+key, or RecordPrefix+"sha256:"+hex when that is longer
+// than 250 bytes. The record is stored on key's own server (the On
+// requests), not where its name would hash, so that a dead server fails
+// only its own keys; every proxy routes it the same way. (Finding a name
+// that hashes there took N hashes for N servers, per set.)
 func (l *leaser) recordKey(key string) string {
 	base := l.cfg.RecordPrefix + key
-	if len(base) > MaxKeyBytes-4 {
+	if len(base) > MaxKeyBytes {
 		sum := sha256.Sum256([]byte(key))
 		base = l.cfg.RecordPrefix + "sha256:" + hex.EncodeToString(sum[:])
 	}
-	want := l.be.Pick(key)
-	for n := 0; n < 1000; n++ {
-		rk := base + "#" + strconv.Itoa(n)
-		if l.be.Pick(rk) == want {
-			return rk
-		}
-	}
-	return base // a ring this lopsided is unlikely; the record still works
+	return base
 }
 
 // setOptions builds an ms for a text-protocol store: mode, client flags,

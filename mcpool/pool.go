@@ -445,6 +445,33 @@ func (p *Pool) MetaDelete(ctx context.Context, key string, opt DeleteOptions) (R
 	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(opt.Flags))), buildDelete(key, opt))
 }
 
+// MetaGetOn, MetaSetOn and MetaDeleteOn send their request to server i
+// (as returned by Pick), wherever key itself would go: for an item that
+// must sit beside another key, as a lease record beside its key (so a
+// dead server fails only its own keys). Every client that reads such an
+// item must route it the same way. An i out of range is ErrBadRequest.
+func (p *Pool) MetaGetOn(ctx context.Context, i int, key string, flags ...string) (Response, error) {
+	return p.execOn(ctx, i, buildGet(key, flags))
+}
+
+// MetaSetOn sends an ms to server i (see MetaGetOn).
+func (p *Pool) MetaSetOn(ctx context.Context, i int, key string, value []byte, opt SetOptions) (Response, error) {
+	return p.execOn(ctx, i, buildSet(key, value, opt, p.cfg.MaxValueSize))
+}
+
+// MetaDeleteOn sends an md to server i (see MetaGetOn).
+func (p *Pool) MetaDeleteOn(ctx context.Context, i int, key string, opt DeleteOptions) (Response, error) {
+	return p.execOn(ctx, i, buildDelete(key, opt))
+}
+
+func (p *Pool) execOn(ctx context.Context, i int, r *request) (Response, error) {
+	if i < 0 || i >= len(p.servers) {
+		r.release()
+		return Response{}, fmt.Errorf("%w: server %d of %d", ErrBadRequest, i, len(p.servers))
+	}
+	return p.exec(ctx, i, r)
+}
+
 // MetaArithmetic sends an ma to key's server (see Conn.MetaArithmetic).
 func (p *Pool) MetaArithmetic(ctx context.Context, key string, opt ArithmeticOptions) (Response, error) {
 	return p.exec(ctx, p.ring.Pick(placementKey(key, hasB(opt.Flags))), buildArithmetic(key, opt))

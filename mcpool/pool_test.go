@@ -812,3 +812,33 @@ func TestSlotWaiters(t *testing.T) {
 		t.Fatalf("InFlight is %d after every request was answered; want 0", n)
 	}
 }
+
+// TestOn: the On requests go to the server named, wherever their key
+// would go; a server out of range is ErrBadRequest.
+func TestOn(t *testing.T) {
+	mcs := testenv.NewMemcacheds(t, 2)
+	pool := newTestPool(t, addrsOf(mcs), nil)
+	ctx := testCtx(t)
+	const key = "on:k"
+	other := 1 - pool.Pick(key)
+	if resp, err := pool.MetaSetOn(ctx, other, key, []byte("v"), SetOptions{}); err != nil || resp.Status != StatusHD {
+		t.Fatalf("ms on server %d: %+v, %v", other, resp, err)
+	}
+	if resp, err := pool.MetaGet(ctx, key, "v"); err != nil || resp.Status != StatusEN {
+		t.Fatalf("mg at the key's own server: %+v, %v; want EN (the item is on the other)", resp, err)
+	}
+	if resp, err := pool.MetaGetOn(ctx, other, key, "v"); err != nil || string(resp.Value) != "v" {
+		t.Fatalf("mg on server %d: %+v, %v; want v", other, resp, err)
+	}
+	if resp, err := pool.MetaDeleteOn(ctx, other, key, DeleteOptions{}); err != nil || resp.Status != StatusHD {
+		t.Fatalf("md on server %d: %+v, %v", other, resp, err)
+	}
+	if resp, err := pool.MetaGetOn(ctx, other, key, "v"); err != nil || resp.Status != StatusEN {
+		t.Fatalf("mg on server %d after md: %+v, %v; want EN", other, resp, err)
+	}
+	for _, i := range []int{-1, 2} {
+		if _, err := pool.MetaGetOn(ctx, i, key, "v"); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("mg on server %d: %v; want ErrBadRequest", i, err)
+		}
+	}
+}
