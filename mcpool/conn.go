@@ -361,21 +361,19 @@ func (c *Conn) drain() {
 
 // expire times out the requests in the pipeline whose due tick has come
 // (tick >= due). They stay in pending: their responses are read and
-// dropped. The walk ends at the first request not yet due, as requests
-// join pending in about the order of their due ticks (one tick apart at
-// most: a later one is timed out a tick late).
+// dropped. The whole pipeline is walked (at most MaxInFlight requests):
+// a request that waited for a slot joins it after younger ones that did
+// not, so due ticks are not in order. A request whose response the reader
+// has begun to read is no longer in pending: the reader finishes it, or
+// fails it within IOTimeout.
 func (c *Conn) expire(tick int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	q := &c.pending
 	for i := 0; i < q.n; i++ {
-		r := q.buf[(q.head+i)%len(q.buf)]
-		switch {
-		case r.due == 0: // its ctx has a deadline: not ours to end
-		case r.due <= tick:
+		// due 0: its ctx has a deadline, not ours to end.
+		if r := q.buf[(q.head+i)%len(q.buf)]; r.due != 0 && r.due <= tick {
 			r.deliver(result{err: errDefaultTimeout, abandoned: true})
-		default:
-			return
 		}
 	}
 }

@@ -5,8 +5,9 @@ import (
 	"time"
 )
 
-// expiryTicks is the number of ticks in Config.Timeout: a request whose
-// ctx has no deadline fails between Timeout and Timeout + Timeout/4
+// expiryTicks is the number of ticks in Config.Timeout, fewer for a
+// Timeout under 8ms (ticks of at most 1ms, at least 100µs): a request
+// whose ctx has no deadline fails between Timeout and Timeout + a tick
 // after it began.
 const expiryTicks = 8
 
@@ -19,23 +20,25 @@ const expiryTicks = 8
 // (due); at each tick run calls onTick, which times out the requests due
 // (Conn.expire). A request waiting before it is sent (for a connection
 // slot, or for the first connection) selects on C, the channel of the
-// tick it began in, which run closes expiryTicks+1 ticks later.
+// tick it began in, which run closes ticks+1 ticks later.
 type expiry struct {
-	tick time.Duration
-	now  atomic.Int64 // ticks since start
-	cur  atomic.Pointer[chan struct{}]
+	ticks int64 // in a timeout
+	tick  time.Duration
+	now   atomic.Int64 // ticks since start
+	cur   atomic.Pointer[chan struct{}]
 }
 
 func newExpiry(timeout time.Duration) *expiry {
-	e := &expiry{tick: max(timeout/expiryTicks, time.Millisecond)}
+	n := min(expiryTicks, max(1, int64((timeout+time.Millisecond-1)/time.Millisecond)))
+	e := &expiry{ticks: n, tick: max(timeout/time.Duration(n), 100*time.Microsecond)}
 	ch := make(chan struct{})
 	e.cur.Store(&ch)
 	return e
 }
 
 // due returns the tick at which a request beginning now times out: a
-// whole expiryTicks ticks after the end of the current one.
-func (e *expiry) due() int64 { return e.now.Load() + expiryTicks + 1 }
+// whole timeout's ticks after the end of the current one.
+func (e *expiry) due() int64 { return e.now.Load() + e.ticks + 1 }
 
 // C returns the channel that closes when a request beginning now times
 // out.

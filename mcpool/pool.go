@@ -22,8 +22,11 @@ type Config struct {
 	// ConnsPerServer is the number of pipelined connections per server.
 	ConnsPerServer int
 	// Timeout is the deadline of a request whose ctx has none: it fails
-	// with ErrTimeout between Timeout and Timeout + Timeout/4 after it
-	// began. A ctx deadline always wins, longer or shorter.
+	// with ErrTimeout between Timeout and Timeout + max(Timeout/8, 1ms)
+	// after it began (all keys of a multi-key call from the call's
+	// start), or, if the server has begun to send its response, when
+	// that ends or IOTimeout passes. A ctx deadline always wins, longer
+	// or shorter.
 	Timeout time.Duration
 	// DialTimeout bounds one connection attempt.
 	DialTimeout time.Duration
@@ -580,11 +583,13 @@ func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build 
 	}
 	inflight := make([]started, len(keys))
 	var conns []*Conn // to flush, each once
+	var due int64     // one for the batch, as its expired channel
+	if expired != nil {
+		due = p.exp.due()
+	}
 	for i, k := range keys {
 		r := build(k)
-		if expired != nil {
-			r.due = p.exp.due()
-		}
+		r.due = due
 		s := p.servers[p.ring.Pick(placementKey(k, encoded))]
 		c, probe, err := p.begin(ctx, expired, s, r, true)
 		if err != nil {

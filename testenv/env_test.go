@@ -139,7 +139,16 @@ func TestEnvironment(t *testing.T) {
 		if err != nil {
 			t.Fatalf("consumer from dc2: %v", err)
 		}
-		m, err := c.Next(jetstream.FetchMaxWait(10 * time.Second))
+		// Right after the consumer is made, its leader may not answer
+		// yet: a fetch can fail with no responders (seen once on a
+		// loaded machine). Retry that, within a deadline.
+		var m jetstream.Msg
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			m, err = c.Next(jetstream.FetchMaxWait(10 * time.Second))
+			if !errors.Is(err, nats.ErrNoResponders) || time.Now().After(deadline) {
+				break
+			}
+		}
 		if err != nil {
 			t.Fatalf("fetch from dc2: %v", err)
 		}
