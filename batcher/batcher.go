@@ -78,6 +78,10 @@ var (
 	// source. Add skips it (it reports false) unless it is a position
 	// without data.
 	ErrPosition = errors.New("batcher: position not after the last input")
+	// ErrBusy: AddWithin waited its limit for the pending groups to be
+	// taken by a flush (the database is slow or down). The input was not
+	// applied.
+	ErrBusy = errors.New("batcher: pending groups not flushed in time")
 )
 
 // Pos is a position in one source: Major is an LSN or a stream sequence,
@@ -361,6 +365,21 @@ func (b *Batcher) Durable(source string) Pos {
 // (backpressure); it returns ctx's error if ctx ends first, and ErrClosed
 // after Drain.
 func (b *Batcher) Add(ctx context.Context, in Input) (bool, error) {
+	return b.add(ctx, in, 0)
+}
+
+// AddWithin is Add with a limit on the backpressure wait: after limit it
+// returns ErrBusy, the input not applied. A caller that holds something
+// the flush may need (a replication connection to the primary being
+// restarted) lets go of it and comes back.
+func (b *Batcher) AddWithin(ctx context.Context, in Input, limit time.Duration) (bool, error) {
+	return b.add(ctx, in, limit)
+}
+
+// add is Add; limit > 0 bounds the backpressure wait. Its timer is made
+// only when the wait begins, off the fast path.
+func (b *Batcher) add(ctx context.Context, in Input, limit time.Duration) (bool, error) {
+	var expired <-chan time.Time
 	b.mu.Lock()
 	if err := b.usable(); err != nil {
 		b.mu.Unlock()
@@ -387,10 +406,17 @@ func (b *Batcher) Add(ctx context.Context, in Input) (bool, error) {
 		ch := b.swapped
 		b.wake()
 		b.mu.Unlock()
+		if limit > 0 && expired == nil {
+			t := time.NewTimer(limit)
+			defer t.Stop()
+			expired = t.C
+		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
 			return false, ctx.Err()
+		case <-expired:
+			return false, fmt.Errorf("%w: %d groups pending for %s", ErrBusy, b.cfg.MaxPending, limit)
 		}
 		b.mu.Lock()
 		if err := b.usable(); err != nil {

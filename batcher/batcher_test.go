@@ -329,6 +329,36 @@ func TestBackpressureHonoursContext(t *testing.T) {
 	}
 }
 
+// TestAddWithin: with the flush stuck, AddWithin gives up after its
+// limit with ErrBusy and applies nothing; the same input goes in once the
+// flush moves.
+func TestAddWithin(t *testing.T) {
+	fl := newMem()
+	fl.block = make(chan struct{})
+	fl.entered = make(chan struct{}, 1)
+	b, _, _ := start(t, Config{MaxPending: 1, Interval: time.Hour}, fl, nil)
+	add(t, b, "wal", 1, 0, like(1, 1))
+	<-fl.entered
+	add(t, b, "wal", 2, 0, like(2, 1))
+	in := Input{Source: "wal", Pos: Pos{3, 0}, Deltas: []Delta{like(3, 1)}}
+	if ok, err := b.AddWithin(context.Background(), in, 20*time.Millisecond); ok || !errors.Is(err, ErrBusy) {
+		t.Fatalf("got %v, %v; want false, ErrBusy", ok, err)
+	}
+	if got := b.Checkpoint("wal"); got != (Pos{2, 0}) {
+		t.Fatalf("checkpoint after ErrBusy: got %v; want %v (the input not applied)", got, Pos{2, 0})
+	}
+	close(fl.block)
+	if ok, err := b.AddWithin(context.Background(), in, time.Minute); !ok || err != nil {
+		t.Fatalf("after the flush: got %v, %v; want true, nil", ok, err)
+	}
+	if err := b.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := fl.count("likes", `["3"]`); got != 1 {
+		t.Errorf("got %d; want 1", got)
+	}
+}
+
 func TestRetryAndLostReply(t *testing.T) {
 	fl := newMem()
 	fl.failNext, fl.lostReply = 2, 1

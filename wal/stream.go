@@ -60,9 +60,10 @@ type Message struct {
 // the call returns: copy what must outlive the call (the strings inside
 // them may be kept).
 //
-// An error returned by a method stops Run, which returns it wrapped. The
-// methods get Run's ctx; a method that returns because ctx ended makes Run
-// return nil.
+// An error returned by a method stops Run, which returns it wrapped,
+// unless it wraps ErrRetry: then Run reconnects and the transaction is
+// delivered again from its Begin. The methods get Run's ctx; a method that
+// returns because ctx ended makes Run return nil.
 type Handler interface {
 	Begin(ctx context.Context, tx TxInfo) error
 	Change(ctx context.Context, tx TxInfo, c keys.Change) error
@@ -214,8 +215,8 @@ func (s *Stream) setState(st State) {
 }
 
 // Run streams the slot and calls h until ctx ends (it then returns nil),
-// h returns an error, the slot is gone (ErrSlotGone), or a non-retryable
-// error occurs. A lost connection is retried with backoff; a slot held by
+// h returns an error (other than ErrRetry, which reconnects), the slot is
+// gone (ErrSlotGone), or a non-retryable error occurs. A lost connection is retried with backoff; a slot held by
 // another process is retried every StandbyRetry (hot standby). Run may be
 // called again after it returns; it resumes after the last transaction h
 // accepted.
@@ -244,7 +245,7 @@ func (s *Stream) Run(ctx context.Context, h Handler) error {
 		}
 		var herr *handlerError
 		switch {
-		case errors.As(err, &herr):
+		case errors.As(err, &herr) && !errors.Is(err, ErrRetry):
 			return err
 		case errors.Is(err, ErrSlotInUse):
 			if s.standbySince.IsZero() {

@@ -34,6 +34,7 @@ func TestPostgres(t *testing.T) {
 	t.Run("SlotGone", pg.testSlotGone)
 	t.Run("SetupAndInspect", pg.testSetupAndInspect)
 	t.Run("SlowHandlerKeepsConnection", pg.testSlowHandler)
+	t.Run("HandlerRetry", pg.testHandlerRetry)
 	t.Run("MillionRowTransaction", pg.testMillionRows)
 	t.Run("PrimaryKillRestart", pg.testPrimaryKill)
 }
@@ -735,6 +736,46 @@ func (h *blockingHandler) Commit(ctx context.Context, tx TxInfo) error {
 		<-h.release
 	})
 	return h.collector.Commit(ctx, tx)
+}
+
+// retryingHandler fails its first two Begins with ErrRetry.
+type retryingHandler struct {
+	collector
+	retries atomic.Int32
+}
+
+func (h *retryingHandler) Begin(ctx context.Context, tx TxInfo) error {
+	if h.retries.Add(1) <= 2 {
+		return fmt.Errorf("checkpoints unreadable: %w", ErrRetry)
+	}
+	return h.collector.Begin(ctx, tx)
+}
+
+// testHandlerRetry: a handler's ErrRetry does not stop Run: it
+// reconnects and delivers the transaction again, until the handler takes
+// it.
+func (pg *pgEnv) testHandlerRetry(t *testing.T) {
+	pg.exec(t, "CREATE TABLE retry_a (id int PRIMARY KEY)")
+	s := newStream(t, pg.testConfig("retry", "public.retry_a"), true)
+	h := &retryingHandler{}
+	h.confirm.Store(s)
+	r := start(t, s, h)
+	pg.exec(t, "INSERT INTO retry_a VALUES (1)")
+	waitFor(t, "the insert, after two retries", func() bool { return len(insertedIDs(h.events())) >= 1 })
+	if got := insertedIDs(h.events()); !slices.Equal(got, []int{1}) {
+		t.Errorf("got ids %v; want [1]", got)
+	}
+	if n := h.retries.Load(); n != 3 {
+		t.Errorf("got %d Begins; want 3 (two retried)", n)
+	}
+	if st := s.Stats(); st.Reconnects != 2 || st.State != StateStreaming {
+		t.Errorf("got stats %+v; want 2 reconnects, streaming", st)
+	}
+	select {
+	case err := <-r.done:
+		t.Fatalf("Run returned %v; want it to keep streaming", err)
+	default:
+	}
 }
 
 // testSlowHandler blocks the handler longer than the server's

@@ -74,13 +74,22 @@ var (
 	ErrNoIdentity = errors.New("wal: table has no replica identity")
 	// ErrRunning: Run was called while another Run of the Stream is active.
 	ErrRunning = errors.New("wal: stream already running")
+	// ErrRetry: a Handler returns an error wrapping it when it cannot
+	// take a transaction now but will later, typically while the primary
+	// it writes to restarts. Run closes the connection, reconnects with
+	// backoff and delivers the transaction again. A handler that waited
+	// on the primary instead would keep the connection open, and the
+	// primary cannot finish a shutdown while its walsender waits for this
+	// reader: neither would move again.
+	ErrRetry = errors.New("wal: handler asks to retry the transaction")
 )
 
 // Retryable reports whether err is a condition Run recovers from by itself
 // (a lost connection, a slot held by another process, a relation the
-// server did not describe on this connection).
+// server did not describe on this connection, a handler's ErrRetry).
 func Retryable(err error) bool {
-	return errors.Is(err, ErrConnLost) || errors.Is(err, ErrSlotInUse) || errors.Is(err, ErrUnknownRelation)
+	return errors.Is(err, ErrConnLost) || errors.Is(err, ErrSlotInUse) || errors.Is(err, ErrUnknownRelation) ||
+		errors.Is(err, ErrRetry)
 }
 
 // slotGoneAdvice is what the operator must do after ErrSlotGone.

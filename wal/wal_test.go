@@ -67,6 +67,7 @@ func TestRetryable(t *testing.T) {
 		{fmt.Errorf("x: %w", ErrConnLost), true},
 		{fmt.Errorf("x: %w", ErrSlotInUse), true},
 		{fmt.Errorf("x: %w", ErrUnknownRelation), true},
+		{&handlerError{"Begin", 0, fmt.Errorf("x: %w", ErrRetry)}, true},
 		{slotGone("s", "does not exist"), false},
 		{fmt.Errorf("x: %w", ErrDecode), false},
 		{errors.New("other"), false},

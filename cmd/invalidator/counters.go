@@ -148,12 +148,36 @@ type counterHandler struct {
 	// reloaded: the checkpoints were read again after this process
 	// started to stream (a hot standby that took over has older ones).
 	reloaded bool
+	// wait bounds a wait on the primary (0: handlerWait).
+	wait time.Duration
 }
+
+func (h *counterHandler) maxWait() time.Duration {
+	if h.wait > 0 {
+		return h.wait
+	}
+	return handlerWait
+}
+
+// handlerWait bounds how long the counter handler waits on the primary
+// (a checkpoint read, a flush to make room) inside the WAL stream. Past
+// it, the handler returns wal.ErrRetry: the stream lets go of the
+// replication connection and delivers the transaction again later. A
+// primary shutting down waits for its walsenders' readers, so a handler
+// that waited for the primary with the connection open would wait
+// forever (seen in the chaos test's primary restart).
+const handlerWait = 5 * time.Second
 
 func (h *counterHandler) Begin(ctx context.Context, tx wal.TxInfo) error {
 	if !h.reloaded {
-		if err := loadCheckpoints(ctx, h.b, h.log, walSource); err != nil {
-			return err
+		lctx, cancel := context.WithTimeout(ctx, h.maxWait())
+		err := loadCheckpoints(lctx, h.b, h.log, walSource)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			return fmt.Errorf("%w: counter checkpoints unreadable for %s", wal.ErrRetry, h.maxWait())
 		}
 		h.reloaded = true
 	}
@@ -182,15 +206,24 @@ func (h *counterHandler) Change(ctx context.Context, tx wal.TxInfo, c keys.Chang
 	}
 	in := batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(h.commit), Minor: h.ord}, Time: tx.CommitTime,
 		Resets: resets, Deltas: toBatcher(ds)}
-	_, err := h.b.Add(ctx, in)
+	return h.add(ctx, in)
+}
+
+// add gives in to the batcher, waiting at most handlerWait for room.
+// Inputs added before a retry are skipped when their transaction comes
+// again (the batcher's high-water mark).
+func (h *counterHandler) add(ctx context.Context, in batcher.Input) error {
+	_, err := h.b.AddWithin(ctx, in, h.maxWait())
+	if errors.Is(err, batcher.ErrBusy) {
+		return fmt.Errorf("%w: %w", wal.ErrRetry, err)
+	}
 	return err
 }
 
 func (h *counterHandler) Message(ctx context.Context, tx wal.TxInfo, m wal.Message) error {
 	if !m.Transactional {
 		// Its own position; nothing to count.
-		_, err := h.b.Add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(m.LSN)}, Time: tx.CommitTime})
-		return err
+		return h.add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(m.LSN)}, Time: tx.CommitTime})
 	}
 	if m.Prefix != counters.RepairPrefix {
 		return nil
@@ -203,14 +236,12 @@ func (h *counterHandler) Message(ctx context.Context, tx wal.TxInfo, m wal.Messa
 		return nil
 	}
 	h.log.Info("applying a repair", zap.Stringer("lsn", m.LSN), zap.Strings("reset", resets), zap.Int("groups", len(sets)))
-	_, err = h.b.Add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(h.commit), Minor: h.ord}, Time: tx.CommitTime,
+	return h.add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(h.commit), Minor: h.ord}, Time: tx.CommitTime,
 		Resets: resets, Sets: toBatcher(sets)})
-	return err
 }
 
 func (h *counterHandler) Commit(ctx context.Context, tx wal.TxInfo) error {
-	_, err := h.b.Add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(tx.EndLSN)}, Time: tx.CommitTime})
-	return err
+	return h.add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: uint64(tx.EndLSN)}, Time: tx.CommitTime})
 }
 
 func toBatcher(ds []counters.Delta) []batcher.Delta {
