@@ -73,6 +73,7 @@ func (d *daemon) registerTail(s *wal.Stream, p *bus.Publisher) {
 		gauge("invalidator_publish_in_flight", "Batches published and not yet acked by JetStream.", func() float64 { return float64(p.Stats().InFlight) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_published_batches_total", Help: "Batches published since start."}, func() float64 { return float64(p.Stats().Batches) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_publish_retries_total", Help: "Batches published again after a failed or missing ack."}, func() float64 { return float64(p.Stats().Retries) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_wal_reconnects_total", Help: "Replication connections made again: after a lost connection, or a handler's retry."}, func() float64 { return float64(s.Stats().Reconnects) }),
 	)
 }
 
