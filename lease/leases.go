@@ -331,7 +331,8 @@ func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *
 	if l.cfg.ForeignSet != ForeignCheck {
 		return
 	}
-	_, err := l.be.MetaSetOn(ctx, l.be.Pick(key), l.recordKey(key), strconv.AppendUint(nil, resp.CAS, 10),
+	rk, at := l.record(key)
+	_, err := l.be.MetaSetOn(ctx, at, rk, strconv.AppendUint(nil, resp.CAS, 10),
 		mcpool.SetOptions{TTL: 2 * time.Duration(l.cfg.ttlSeconds()) * time.Second})
 	if err != nil {
 		l.st.backendErrors.Add(1)
@@ -444,7 +445,8 @@ func (l *leaser) fill(ctx context.Context, key string, value []byte, flags uint3
 		l.st.refused.Add(1)
 		return fillRefused, nil
 	}
-	resp, err := l.be.MetaGetOn(ctx, l.be.Pick(key), l.recordKey(key), "v")
+	rk, at := l.record(key)
+	resp, err := l.be.MetaGetOn(ctx, at, rk, "v")
 	if err != nil {
 		// Without the record the fill cannot be checked: refusing costs a
 		// miss, storing might store a stale value (I2). The client gets
@@ -502,28 +504,28 @@ func (l *leaser) cleanupRecord(key string, cas uint64) {
 	go func() {
 		defer l.wg.Done()
 		ctx := context.Background()
-		rk, i := l.recordKey(key), l.be.Pick(key)
-		resp, err := l.be.MetaGetOn(ctx, i, rk, "v", "c")
+		rk, at := l.record(key)
+		resp, err := l.be.MetaGetOn(ctx, at, rk, "v", "c")
 		if err != nil || resp.Status != mcpool.StatusVA || string(resp.Value) != strconv.FormatUint(cas, 10) {
 			return
 		}
-		_, _ = l.be.MetaDeleteOn(ctx, i, rk, mcpool.DeleteOptions{CAS: resp.CAS})
+		_, _ = l.be.MetaDeleteOn(ctx, at, rk, mcpool.DeleteOptions{CAS: resp.CAS})
 	}()
 }
 
-// recordKey is the memcached key of key's lease record:
-// RecordPrefix+key, or RecordPrefix+"sha256:"+hex when that is longer
-// than 250 bytes. The record is stored on key's own server (the On
+// record returns the memcached key of key's lease record,
+// RecordPrefix+key (or RecordPrefix+"sha256:"+hex when that is longer
+// than 250 bytes), and the server it is stored on: key's own (the On
 // requests), not where its name would hash, so that a dead server fails
-// only its own keys; every proxy routes it the same way. (Finding a name
+// only its own keys. Every proxy routes it the same way. (Finding a name
 // that hashes there took N hashes for N servers, per set.)
-func (l *leaser) recordKey(key string) string {
-	base := l.cfg.RecordPrefix + key
-	if len(base) > MaxKeyBytes {
+func (l *leaser) record(key string) (name string, server int) {
+	name = l.cfg.RecordPrefix + key
+	if len(name) > MaxKeyBytes {
 		sum := sha256.Sum256([]byte(key))
-		base = l.cfg.RecordPrefix + "sha256:" + hex.EncodeToString(sum[:])
+		name = l.cfg.RecordPrefix + "sha256:" + hex.EncodeToString(sum[:])
 	}
-	return base
+	return name, l.be.Pick(key)
 }
 
 // setOptions builds an ms for a text-protocol store: mode, client flags,

@@ -19,8 +19,8 @@ const expiryTicks = 8
 // A request in a connection's pipeline carries the tick it is due at
 // (due); at each tick run calls onTick, which times out the requests due
 // (Conn.expire). A request waiting before it is sent (for a connection
-// slot, or for the first connection) selects on C, the channel of the
-// tick it began in, which run closes ticks+1 ticks later.
+// slot, or for the first connection) selects on the channel of the tick
+// it began in, which run closes ticks+1 ticks later. take gives both.
 type expiry struct {
 	ticks int64 // in a timeout
 	tick  time.Duration
@@ -40,9 +40,9 @@ func newExpiry(timeout time.Duration) *expiry {
 // whole timeout's ticks after the end of the current one.
 func (e *expiry) due() int64 { return e.now.Load() + e.ticks + 1 }
 
-// C returns the channel that closes when a request beginning now times
-// out.
-func (e *expiry) C() <-chan struct{} { return *e.cur.Load() }
+// take returns, for a request beginning now, the channel that closes when
+// it times out and the tick it is due at (the same moment).
+func (e *expiry) take() (<-chan struct{}, int64) { return *e.cur.Load(), e.due() }
 
 // run counts the ticks, calls onTick with each, and closes the channels
 // whose time has come, until stop closes. The channels still open then

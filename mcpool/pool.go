@@ -356,13 +356,15 @@ func (p *Pool) expire(tick int64) {
 	}
 }
 
-// expired returns the channel that ends a request begun now, when ctx
-// has no deadline (Config.Timeout); nil when it has one.
-func (p *Pool) expired(ctx context.Context) <-chan struct{} {
+// deadline returns Config.Timeout for a request begun now, when ctx has
+// no deadline: the channel that ends its waits before it is sent, and the
+// tick at which the expiry ends it in the pipeline (r.due). With a ctx
+// deadline, nil and 0: ctx alone ends it.
+func (p *Pool) deadline(ctx context.Context) (expired <-chan struct{}, due int64) {
 	if _, ok := ctx.Deadline(); ok {
-		return nil
+		return nil, 0
 	}
-	return p.exp.C()
+	return p.exp.take()
 }
 
 // begin admits a request to server idx and starts it. On success the
@@ -409,10 +411,8 @@ func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) 
 	if err := ctx.Err(); err != nil {
 		return Response{}, err
 	}
-	expired := p.expired(ctx)
-	if expired != nil {
-		r.due = p.exp.due()
-	}
+	expired, due := p.deadline(ctx)
+	r.due = due
 	s := p.servers[idx]
 	c, probe, err := p.begin(ctx, expired, s, r, false)
 	if err != nil {
@@ -574,7 +574,7 @@ func (p *Pool) MetaGetMulti(ctx context.Context, keys []string, flags ...string)
 // answers: done for a request that was sent, failed for one that was not.
 func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build func(string) *request,
 	done func(i int, resp Response, err error), failed func(i int, err error)) {
-	expired := p.expired(ctx) // one channel ends every wait of the batch
+	expired, due := p.deadline(ctx) // one deadline for the whole batch
 	type started struct {
 		s     *server
 		c     *Conn
@@ -583,10 +583,6 @@ func (p *Pool) pipeline(ctx context.Context, keys []string, encoded bool, build 
 	}
 	inflight := make([]started, len(keys))
 	var conns []*Conn // to flush, each once
-	var due int64     // one for the batch, as its expired channel
-	if expired != nil {
-		due = p.exp.due()
-	}
 	for i, k := range keys {
 		r := build(k)
 		r.due = due

@@ -216,10 +216,10 @@ func (s *Stream) setState(st State) {
 
 // Run streams the slot and calls h until ctx ends (it then returns nil),
 // h returns an error (other than ErrRetry, which reconnects), the slot is
-// gone (ErrSlotGone), or a non-retryable error occurs. A lost connection is retried with backoff; a slot held by
-// another process is retried every StandbyRetry (hot standby). Run may be
-// called again after it returns; it resumes after the last transaction h
-// accepted.
+// gone (ErrSlotGone), or a non-retryable error occurs. A lost connection
+// is retried with backoff; a slot held by another process is retried
+// every StandbyRetry (hot standby). Run may be called again after it
+// returns; it resumes after the last transaction h accepted.
 func (s *Stream) Run(ctx context.Context, h Handler) error {
 	if !s.running.CompareAndSwap(false, true) {
 		return ErrRunning

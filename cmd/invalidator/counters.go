@@ -148,15 +148,8 @@ type counterHandler struct {
 	// reloaded: the checkpoints were read again after this process
 	// started to stream (a hot standby that took over has older ones).
 	reloaded bool
-	// wait bounds a wait on the primary (0: handlerWait).
+	// wait bounds a wait on the primary (handlerWait).
 	wait time.Duration
-}
-
-func (h *counterHandler) maxWait() time.Duration {
-	if h.wait > 0 {
-		return h.wait
-	}
-	return handlerWait
 }
 
 // handlerWait bounds how long the counter handler waits on the primary
@@ -170,14 +163,14 @@ const handlerWait = 5 * time.Second
 
 func (h *counterHandler) Begin(ctx context.Context, tx wal.TxInfo) error {
 	if !h.reloaded {
-		lctx, cancel := context.WithTimeout(ctx, h.maxWait())
+		lctx, cancel := context.WithTimeout(ctx, h.wait)
 		err := loadCheckpoints(lctx, h.b, h.log, walSource)
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return err
 			}
-			return fmt.Errorf("%w: counter checkpoints unreadable for %s", wal.ErrRetry, h.maxWait())
+			return fmt.Errorf("%w: counter checkpoints unreadable for %s", wal.ErrRetry, h.wait)
 		}
 		h.reloaded = true
 	}
@@ -209,11 +202,11 @@ func (h *counterHandler) Change(ctx context.Context, tx wal.TxInfo, c keys.Chang
 	return h.add(ctx, in)
 }
 
-// add gives in to the batcher, waiting at most handlerWait for room.
+// add gives in to the batcher, waiting at most h.wait for room.
 // Inputs added before a retry are skipped when their transaction comes
 // again (the batcher's high-water mark).
 func (h *counterHandler) add(ctx context.Context, in batcher.Input) error {
-	_, err := h.b.AddWithin(ctx, in, h.maxWait())
+	_, err := h.b.AddWithin(ctx, in, h.wait)
 	if errors.Is(err, batcher.ErrBusy) {
 		return fmt.Errorf("%w: %w", wal.ErrRetry, err)
 	}

@@ -321,7 +321,7 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetst
 	d.mu.Unlock()
 	var h wal.Handler = th
 	if ctr != nil {
-		h = fanout{tail: th, ctr: &counterHandler{set: ctr.set, b: ctr.b, m: ctr.m, log: log.Named("counters")}}
+		h = fanout{tail: th, ctr: &counterHandler{set: ctr.set, b: ctr.b, m: ctr.m, log: log.Named("counters"), wait: handlerWait}}
 		d.startCounters(soft, hard, g, js, ctr, stream)
 	}
 	g.Go(func() error { return pub.Run(hard) })
