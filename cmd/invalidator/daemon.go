@@ -25,8 +25,6 @@ import (
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/keys"
-	"github.com/pgcache/pgcache/mcpool"
-	"github.com/pgcache/pgcache/purge"
 	"github.com/pgcache/pgcache/sdnotify"
 	"github.com/pgcache/pgcache/tail"
 	"github.com/pgcache/pgcache/wal"
@@ -205,57 +203,6 @@ func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
 		}
 	}()
 	return srv, nil
-}
-
-// runPurge starts this DC's consumer and purger. On soft stop the consumer
-// stops reading and the purger finishes what it has; on hard stop
-// unfinished batches stay unacked and come again.
-func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jetstream.JetStream) error {
-	pc := d.cfg.Purge
-	log := d.log.Named("purge")
-	mc := mcpool.DefaultConfig()
-	mc.Servers = pc.Servers
-	mc.Hash = pc.Hash
-	mc.Timeout = pc.Timeout
-	pool, err := mcpool.New(mc, log.Named("pool"))
-	if err != nil {
-		return fmt.Errorf("%w: purge pool: %w", ErrConfig, err)
-	}
-	d.registerPool(pool)
-	var gate purge.Waiter
-	// The gate runs until the purger has finished (or a hard stop).
-	gateCtx, stopGate := context.WithCancel(hard)
-	if pc.ReplicaDSN != "" {
-		gt, err := purge.NewGate(purge.GateConfig{DSN: pc.ReplicaDSN, MaxWait: pc.GateMaxWait}, log.Named("gate"))
-		if err != nil {
-			stopGate()
-			return fmt.Errorf("%w: %w", ErrConfig, err)
-		}
-		d.registerGate(gt)
-		g.Go(func() error { return gt.Run(gateCtx) })
-		gate = gt
-	}
-	m := purge.NewMetrics(d.reg, d.cfg.DC)
-	p, err := purge.New(hard, purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL, Concurrency: pc.Concurrency}, pool, gate, m, log)
-	if err != nil {
-		stopGate()
-		return fmt.Errorf("%w: %w", ErrConfig, err)
-	}
-	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
-	d.reg.MustRegister(bad)
-	cons, err := bus.NewConsumer(js, bus.ConsumerConfig{Stream: d.cfg.NATS.Stream, DC: d.cfg.DC}, log, func(error) { bad.Inc() })
-	if err != nil {
-		stopGate()
-		return fmt.Errorf("%w: %w", ErrConfig, err)
-	}
-	g.Go(func() error {
-		defer pool.Close()
-		defer stopGate()
-		err := cons.Run(soft, func(dl *bus.Delivery) { p.Handle(dl.Batch, dl) })
-		p.Wait()
-		return err
-	})
-	return nil
 }
 
 // runTail holds the slot (or waits as a hot standby), publishes, and
