@@ -48,6 +48,7 @@ import (
 	"strings"
 
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 )
 
 // Errors. Compile, Deltas and the parsers wrap them with the counter and
@@ -320,11 +321,11 @@ func (c *Counter) Key(values []string) (string, error) {
 	if len(values) != len(c.GroupBy) {
 		return "", fmt.Errorf("counter %q: %w: got %d group values; want %d", c.Name, ErrKey, len(values), len(c.GroupBy))
 	}
-	cols := make([]keys.Column, len(values))
+	cols := make([]row.Column, len(values))
 	for i, v := range values {
-		cols[i] = keys.Column{Name: c.GroupBy[i], Value: keys.Value{Text: v}}
+		cols[i] = row.Column{Name: c.GroupBy[i], Value: row.Value{Text: v}}
 	}
-	ks, errs := c.keys.Keys(nil, keys.Change{Table: c.tkey, Op: keys.Insert, New: cols})
+	ks, errs := c.keys.Keys(nil, row.Change{Table: c.tkey, Op: row.Insert, New: cols})
 	if len(errs) > 0 || len(ks) != 1 {
 		return "", fmt.Errorf("counter %q: %w: %v", c.Name, ErrKey, errors.Join(errs...))
 	}
@@ -345,7 +346,7 @@ func (c *Counter) delta(values []string, n int64) (Delta, error) {
 // is no counter's source yields nothing. Problems with one counter come
 // back as errors (one per counter at most) next to the other counters'
 // deltas; Deltas never panics.
-func (s *Set) Deltas(dst []Delta, ch keys.Change) (out []Delta, resets []string, errs []error) {
+func (s *Set) Deltas(dst []Delta, ch row.Change) (out []Delta, resets []string, errs []error) {
 	out = dst
 	if s == nil {
 		return out, nil, nil
@@ -353,13 +354,13 @@ func (s *Set) Deltas(dst []Delta, ch keys.Change) (out []Delta, resets []string,
 	for _, c := range s.byTable[ch.Table] {
 		var err error
 		switch ch.Op {
-		case keys.Insert:
+		case row.Insert:
 			out, err = c.rowDelta(out, ch.New, nil, +1, false)
-		case keys.Delete:
+		case row.Delete:
 			out, err = c.rowDelta(out, ch.Old, nil, -1, true)
-		case keys.Update:
+		case row.Update:
 			out, err = c.update(out, ch)
-		case keys.Truncate:
+		case row.Truncate:
 			resets = append(resets, c.Name)
 		default:
 			err = fmt.Errorf("counter %q: %w: %v", c.Name, ErrUnknownOp, ch.Op)
@@ -374,7 +375,7 @@ func (s *Set) Deltas(dst []Delta, ch keys.Change) (out []Delta, resets []string,
 // groupOf reads the group values from row (falling back to fallback for a
 // missing column or an unchanged TOAST value). null reports a NULL value:
 // the row is in no group.
-func (c *Counter) groupOf(row, fallback []keys.Column, old bool) (values []string, null bool, err error) {
+func (c *Counter) groupOf(row, fallback []row.Column, old bool) (values []string, null bool, err error) {
 	values = make([]string, len(c.GroupBy))
 	for i, col := range c.GroupBy {
 		v, ok := find(row, col)
@@ -405,7 +406,7 @@ func (c *Counter) groupOf(row, fallback []keys.Column, old bool) (values []strin
 	return values, null, nil
 }
 
-func (c *Counter) rowDelta(dst []Delta, row, fallback []keys.Column, n int64, old bool) ([]Delta, error) {
+func (c *Counter) rowDelta(dst []Delta, row, fallback []row.Column, n int64, old bool) ([]Delta, error) {
 	values, null, err := c.groupOf(row, fallback, old)
 	if err != nil || null {
 		return dst, err
@@ -417,7 +418,7 @@ func (c *Counter) rowDelta(dst []Delta, row, fallback []keys.Column, n int64, ol
 	return append(dst, d), nil
 }
 
-func (c *Counter) update(dst []Delta, ch keys.Change) ([]Delta, error) {
+func (c *Counter) update(dst []Delta, ch row.Change) ([]Delta, error) {
 	newV, newNull, err := c.groupOf(ch.New, ch.Old, false)
 	if err != nil {
 		return dst, err
@@ -451,11 +452,11 @@ func (c *Counter) update(dst []Delta, ch keys.Change) ([]Delta, error) {
 	return dst, nil
 }
 
-func find(cols []keys.Column, name string) (keys.Value, bool) {
+func find(cols []row.Column, name string) (row.Value, bool) {
 	for _, c := range cols {
 		if c.Name == name {
 			return c.Value, true
 		}
 	}
-	return keys.Value{}, false
+	return row.Value{}, false
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 )
 
 func mustCompile(t testing.TB, rules ...Rule) *Set {
@@ -23,7 +24,7 @@ func likes() Rule {
 	return Rule{Name: "post_likes", Table: "public.likes", GroupBy: []string{"post_id"}, Key: "post:{post_id}:likes"}
 }
 
-func col(name, v string) keys.Column { return keys.Column{Name: name, Value: keys.Value{Text: v}} }
+func col(name, v string) row.Column { return row.Column{Name: name, Value: row.Value{Text: v}} }
 
 func TestCompileErrors(t *testing.T) {
 	for _, tc := range []struct {
@@ -77,53 +78,53 @@ func TestDeltas(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name       string
-		ch         keys.Change
+		ch         row.Change
 		want       []Delta
 		wantResets []string
 		wantErrs   []error
 	}{
-		{"insert", keys.Change{Table: "public.likes", Op: keys.Insert, New: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}},
+		{"insert", row.Change{Table: "public.likes", Op: row.Insert, New: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", 1), d("pair", `["42","up"]`, "pair:up:42", 1)}, nil, nil},
-		{"delete", keys.Change{Table: "public.likes", Op: keys.Delete, Old: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}},
+		{"delete", row.Change{Table: "public.likes", Op: row.Delete, Old: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", -1), d("pair", `["42","up"]`, "pair:up:42", -1)}, nil, nil},
-		{"delete without the group in the old row", keys.Change{Table: "public.likes", Op: keys.Delete, Old: []keys.Column{col("id", "1")}},
+		{"delete without the group in the old row", row.Change{Table: "public.likes", Op: row.Delete, Old: []row.Column{col("id", "1")}},
 			nil, nil, []error{ErrOldValueMissing, ErrOldValueMissing}},
-		{"update moving the row", keys.Change{Table: "public.likes", Op: keys.Update,
-			Old: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
-			New: []keys.Column{col("id", "1"), col("post_id", "43"), col("kind", "up")}},
+		{"update moving the row", row.Change{Table: "public.likes", Op: row.Update,
+			Old: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
+			New: []row.Column{col("id", "1"), col("post_id", "43"), col("kind", "up")}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", -1), d("post_likes", `["43"]`, "post:43:likes", 1),
 				d("pair", `["42","up"]`, "pair:up:42", -1), d("pair", `["43","up"]`, "pair:up:43", 1)}, nil, nil},
-		{"update within the group", keys.Change{Table: "public.likes", Op: keys.Update,
-			Old: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
-			New: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}}, nil, nil, nil},
-		{"update without old row", keys.Change{Table: "public.likes", Op: keys.Update,
-			New: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}}, nil, nil, nil},
-		{"update with identity old row only", keys.Change{Table: "public.likes", Op: keys.Update,
-			Old: []keys.Column{col("post_id", "42")},
-			New: []keys.Column{col("id", "1"), col("post_id", "44"), col("kind", "up")}},
+		{"update within the group", row.Change{Table: "public.likes", Op: row.Update,
+			Old: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
+			New: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}}, nil, nil, nil},
+		{"update without old row", row.Change{Table: "public.likes", Op: row.Update,
+			New: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")}}, nil, nil, nil},
+		{"update with identity old row only", row.Change{Table: "public.likes", Op: row.Update,
+			Old: []row.Column{col("post_id", "42")},
+			New: []row.Column{col("id", "1"), col("post_id", "44"), col("kind", "up")}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", -1), d("post_likes", `["44"]`, "post:44:likes", 1),
 				d("pair", `["42","up"]`, "pair:up:42", -1), d("pair", `["44","up"]`, "pair:up:44", 1)}, nil, nil},
-		{"update to NULL group", keys.Change{Table: "public.likes", Op: keys.Update,
-			Old: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
-			New: []keys.Column{col("id", "1"), {Name: "post_id", Value: keys.Value{Null: true}}, col("kind", "up")}},
+		{"update to NULL group", row.Change{Table: "public.likes", Op: row.Update,
+			Old: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
+			New: []row.Column{col("id", "1"), {Name: "post_id", Value: row.Value{Null: true}}, col("kind", "up")}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", -1), d("pair", `["42","up"]`, "pair:up:42", -1)}, nil, nil},
-		{"insert NULL group", keys.Change{Table: "public.likes", Op: keys.Insert,
-			New: []keys.Column{col("id", "1"), {Name: "post_id", Value: keys.Value{Null: true}}, col("kind", "up")}}, nil, nil, nil},
-		{"unchanged toast takes old", keys.Change{Table: "public.likes", Op: keys.Update,
-			Old: []keys.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
-			New: []keys.Column{col("id", "1"), col("post_id", "43"), {Name: "kind", Value: keys.Value{Unchanged: true}}}},
+		{"insert NULL group", row.Change{Table: "public.likes", Op: row.Insert,
+			New: []row.Column{col("id", "1"), {Name: "post_id", Value: row.Value{Null: true}}, col("kind", "up")}}, nil, nil, nil},
+		{"unchanged toast takes old", row.Change{Table: "public.likes", Op: row.Update,
+			Old: []row.Column{col("id", "1"), col("post_id", "42"), col("kind", "up")},
+			New: []row.Column{col("id", "1"), col("post_id", "43"), {Name: "kind", Value: row.Value{Unchanged: true}}}},
 			[]Delta{d("post_likes", `["42"]`, "post:42:likes", -1), d("post_likes", `["43"]`, "post:43:likes", 1),
 				d("pair", `["42","up"]`, "pair:up:42", -1), d("pair", `["43","up"]`, "pair:up:43", 1)}, nil, nil},
-		{"unchanged toast without old", keys.Change{Table: "public.likes", Op: keys.Insert,
-			New: []keys.Column{col("id", "1"), col("post_id", "43"), {Name: "kind", Value: keys.Value{Unchanged: true}}}},
+		{"unchanged toast without old", row.Change{Table: "public.likes", Op: row.Insert,
+			New: []row.Column{col("id", "1"), col("post_id", "43"), {Name: "kind", Value: row.Value{Unchanged: true}}}},
 			[]Delta{d("post_likes", `["43"]`, "post:43:likes", 1)}, nil, []error{ErrUnchangedToast}},
-		{"missing column", keys.Change{Table: "public.likes", Op: keys.Insert, New: []keys.Column{col("id", "1")}},
+		{"missing column", row.Change{Table: "public.likes", Op: row.Insert, New: []row.Column{col("id", "1")}},
 			nil, nil, []error{ErrColumnMissing, ErrColumnMissing}},
-		{"value renders a bad key", keys.Change{Table: "public.likes", Op: keys.Insert, New: []keys.Column{col("post_id", "4 2"), col("kind", "up")}},
+		{"value renders a bad key", row.Change{Table: "public.likes", Op: row.Insert, New: []row.Column{col("post_id", "4 2"), col("kind", "up")}},
 			nil, nil, []error{ErrKey, ErrKey}},
-		{"truncate", keys.Change{Table: "public.likes", Op: keys.Truncate}, nil, []string{"post_likes", "pair"}, nil},
-		{"other table", keys.Change{Table: "public.posts", Op: keys.Insert, New: []keys.Column{col("post_id", "1")}}, nil, nil, nil},
-		{"bad op", keys.Change{Table: "public.likes", Op: 0}, nil, nil, []error{ErrUnknownOp, ErrUnknownOp}},
+		{"truncate", row.Change{Table: "public.likes", Op: row.Truncate}, nil, []string{"post_likes", "pair"}, nil},
+		{"other table", row.Change{Table: "public.posts", Op: row.Insert, New: []row.Column{col("post_id", "1")}}, nil, nil, nil},
+		{"bad op", row.Change{Table: "public.likes", Op: 0}, nil, nil, []error{ErrUnknownOp, ErrUnknownOp}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, resets, errs := s.Deltas(nil, tc.ch)
@@ -263,10 +264,10 @@ func FuzzDeltas(f *testing.F) {
 	f.Add(uint8(4), "", "", false, false, false)
 	s := mustCompile(f, likes(), Rule{Name: "pair", Table: "likes", GroupBy: []string{"post_id", "kind"}, Key: "pair:{kind}:{post_id}"})
 	f.Fuzz(func(t *testing.T, op uint8, oldV, newV string, oldNull, newToast, withOld bool) {
-		ch := keys.Change{Table: "public.likes", Op: keys.Op(op % 6)}
-		ch.New = []keys.Column{{Name: "post_id", Value: keys.Value{Text: newV, Unchanged: newToast}}, col("kind", "k")}
+		ch := row.Change{Table: "public.likes", Op: row.Op(op % 6)}
+		ch.New = []row.Column{{Name: "post_id", Value: row.Value{Text: newV, Unchanged: newToast}}, col("kind", "k")}
 		if withOld {
-			ch.Old = []keys.Column{{Name: "post_id", Value: keys.Value{Text: oldV, Null: oldNull}}}
+			ch.Old = []row.Column{{Name: "post_id", Value: row.Value{Text: oldV, Null: oldNull}}}
 		}
 		ds, _, errs := s.Deltas(nil, ch)
 		sum := int64(0)
@@ -276,7 +277,7 @@ func FuzzDeltas(f *testing.F) {
 			}
 			sum += d.N
 		}
-		if ch.Op == keys.Update && len(errs) == 0 && !oldNull && sum != 0 {
+		if ch.Op == row.Update && len(errs) == 0 && !oldNull && sum != 0 {
 			t.Errorf("update deltas do not balance: %v", ds)
 		}
 	})
@@ -288,11 +289,11 @@ func ExampleSet_Deltas() {
 		panic(err)
 	}
 	// A like moves from post 42 to post 43.
-	ds, _, errs := set.Deltas(nil, keys.Change{
+	ds, _, errs := set.Deltas(nil, row.Change{
 		Table: "public.likes",
-		Op:    keys.Update,
-		Old:   []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "post_id", Value: keys.Value{Text: "42"}}},
-		New:   []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "post_id", Value: keys.Value{Text: "43"}}},
+		Op:    row.Update,
+		Old:   []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "post_id", Value: row.Value{Text: "42"}}},
+		New:   []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "post_id", Value: row.Value{Text: "43"}}},
 	})
 	for _, d := range ds {
 		fmt.Println(d.Counter, d.Group, d.Key, d.N)

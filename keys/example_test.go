@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 )
 
 func ExampleSet_Keys_insert() {
@@ -13,13 +14,13 @@ func ExampleSet_Keys_insert() {
 	if err != nil {
 		panic(err)
 	}
-	ks, errs := set.Keys(nil, keys.Change{
+	ks, errs := set.Keys(nil, row.Change{
 		Table: "public.posts",
-		Op:    keys.Insert,
-		New: []keys.Column{
-			{Name: "id", Value: keys.Value{Text: "42"}},
-			{Name: "author_id", Value: keys.Value{Text: "7"}},
-			{Name: "title", Value: keys.Value{Text: "Hello"}},
+		Op:    row.Insert,
+		New: []row.Column{
+			{Name: "id", Value: row.Value{Text: "42"}},
+			{Name: "author_id", Value: row.Value{Text: "7"}},
+			{Name: "title", Value: row.Value{Text: "Hello"}},
 		},
 	})
 	fmt.Println(ks, errs)
@@ -35,16 +36,16 @@ func ExampleSet_Keys_update() {
 	}
 	// The post moves from author 7 to author 8: both authors' lists are
 	// invalidated, and post:42 once.
-	ks, errs := set.Keys(nil, keys.Change{
+	ks, errs := set.Keys(nil, row.Change{
 		Table: "public.posts",
-		Op:    keys.Update,
-		Old: []keys.Column{
-			{Name: "id", Value: keys.Value{Text: "42"}},
-			{Name: "author_id", Value: keys.Value{Text: "7"}},
+		Op:    row.Update,
+		Old: []row.Column{
+			{Name: "id", Value: row.Value{Text: "42"}},
+			{Name: "author_id", Value: row.Value{Text: "7"}},
 		},
-		New: []keys.Column{
-			{Name: "id", Value: keys.Value{Text: "42"}},
-			{Name: "author_id", Value: keys.Value{Text: "8"}},
+		New: []row.Column{
+			{Name: "id", Value: row.Value{Text: "42"}},
+			{Name: "author_id", Value: row.Value{Text: "8"}},
 		},
 	})
 	fmt.Println(ks, errs)
@@ -58,19 +59,19 @@ func ExampleSet_Keys_truncate() {
 	if err != nil {
 		panic(err)
 	}
-	ks, errs := set.Keys(nil, keys.Change{Table: "public.posts", Op: keys.Truncate})
+	ks, errs := set.Keys(nil, row.Change{Table: "public.posts", Op: row.Truncate})
 	fmt.Println(ks, errs)
 	// Output: [] [keys: table truncated, per-row keys cannot be derived (table "public.posts")]
 }
 
 func ExampleParseMessage() {
 	// Content of SELECT pg_logical_emit_message(true, 'invalidate', ...).
-	ks, errs := keys.ParseMessage([]byte("feed:1 feed:2\nfeed:1\tbad\x01key"))
+	ks, errs := keys.ParseMessage([]byte("feed:1 feed:2\nfeed:1\tbad\x00key"))
 	fmt.Println(ks)
 	fmt.Println(errs)
 	// Output:
 	// [feed:1 feed:2]
-	// [keys: key contains a space or control byte: byte 0x01 at offset 3 (key "bad\x01key")]
+	// [mckey: invalid key: space, CR, LF or NUL: byte 0x00 at offset 3 (key "bad\x00key")]
 }
 
 func ExampleCompile_error() {

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/pgcache/pgcache/row"
 )
 
 // refRender renders src by plain substitution, independently of the
@@ -27,15 +29,15 @@ func refRender(src string, vals map[string]string) string {
 }
 
 func FuzzTemplate(f *testing.F) {
-	f.Add("post:{id}", "1", "2", "3", uint8(Insert), uint8(0))
-	f.Add("user_posts:{author_id}", "7", "8", "", uint8(Update), uint8(0))
-	f.Add("{{{a}}}:{b}-{a}", "x", "y z", "", uint8(Update), uint8(0x12))
-	f.Add("{a}{b}{c}", "", "", "", uint8(Delete), uint8(0x05))
-	f.Add("all", "", "", "", uint8(Truncate), uint8(0))
-	f.Add("k:{id", "", "", "", uint8(Insert), uint8(0))
-	f.Add("k:{x|y}", "", "", "", uint8(Insert), uint8(0))
-	f.Add("k:}", "a", "", "", uint8(Insert), uint8(0))
-	f.Add("k:{id}", strings.Repeat("v", 250), "\x7f", "é", uint8(Update), uint8(0x20))
+	f.Add("post:{id}", "1", "2", "3", uint8(row.Insert), uint8(0))
+	f.Add("user_posts:{author_id}", "7", "8", "", uint8(row.Update), uint8(0))
+	f.Add("{{{a}}}:{b}-{a}", "x", "y z", "", uint8(row.Update), uint8(0x12))
+	f.Add("{a}{b}{c}", "", "", "", uint8(row.Delete), uint8(0x05))
+	f.Add("all", "", "", "", uint8(row.Truncate), uint8(0))
+	f.Add("k:{id", "", "", "", uint8(row.Insert), uint8(0))
+	f.Add("k:{x|y}", "", "", "", uint8(row.Insert), uint8(0))
+	f.Add("k:}", "a", "", "", uint8(row.Insert), uint8(0))
+	f.Add("k:{id}", strings.Repeat("v", 250), "\x7f", "é", uint8(row.Update), uint8(0x20))
 	f.Fuzz(func(t *testing.T, tmpl, v0, v1, v2 string, op, flags uint8) {
 		s, err := Compile([]Rule{{Table: "s.t", Keys: []string{tmpl}}})
 		if err != nil {
@@ -51,29 +53,29 @@ func FuzzTemplate(f *testing.F) {
 			}
 		}
 		pool := []string{v0, v1, v2}
-		var oldRow, newRow []Column
+		var oldRow, newRow []row.Column
 		vals := make(map[string]string)
 		plain := true
 		for i, name := range cols {
-			nv := Value{Text: pool[i%3]}
-			ov := Value{Text: pool[(i+1)%3]}
+			nv := row.Value{Text: pool[i%3]}
+			ov := row.Value{Text: pool[(i+1)%3]}
 			switch (flags >> (2 * (i % 4))) & 3 {
 			case 1:
-				nv = Value{Null: true}
+				nv = row.Value{Null: true}
 				plain = false
 			case 2:
-				nv = Value{Unchanged: true}
+				nv = row.Value{Unchanged: true}
 				plain = false
 			case 3:
-				ov = Value{Null: true}
+				ov = row.Value{Null: true}
 			}
 			vals[name] = nv.Text
-			newRow = append(newRow, Column{Name: name, Value: nv})
+			newRow = append(newRow, row.Column{Name: name, Value: nv})
 			if flags&0x80 == 0 || i%2 == 0 {
-				oldRow = append(oldRow, Column{Name: name, Value: ov})
+				oldRow = append(oldRow, row.Column{Name: name, Value: ov})
 			}
 		}
-		c := Change{Table: "s.t", Op: Op(op % 6), Old: oldRow, New: newRow}
+		c := row.Change{Table: "s.t", Op: row.Op(op % 6), Old: oldRow, New: newRow}
 		got, errs := s.Keys(nil, c)
 		for _, k := range got {
 			if err := Validate(k); err != nil {
@@ -90,7 +92,7 @@ func FuzzTemplate(f *testing.F) {
 		if len(got) > 2 || len(errs) > 1 {
 			t.Fatalf("template %q: got %q, %v; want at most 2 keys and 1 error", tmpl, got, errs)
 		}
-		if c.Op == Insert && plain {
+		if c.Op == row.Insert && plain {
 			want := refRender(tmpl, vals)
 			if Validate(want) == nil {
 				if !slices.Equal(got, []string{want}) || errs != nil {

@@ -58,19 +58,22 @@ package keys
 
 import (
 	"errors"
-	"fmt"
 	"strconv"
+
+	"github.com/pgcache/pgcache/mckey"
 )
 
 // MaxKeyLen is the longest key memcached accepts, in bytes.
-const MaxKeyLen = 250
+const MaxKeyLen = mckey.MaxLen
 
 // Errors about keys, from Validate, Keys and ParseMessage. Keys and
 // ParseMessage wrap them in *Error; test with errors.Is.
 var (
-	ErrKeyEmpty       = errors.New("keys: empty key")
-	ErrKeyTooLong     = errors.New("keys: key longer than 250 bytes")
-	ErrKeyInvalidChar = errors.New("keys: key contains a space or control byte")
+	// They are mckey's errors: keys accepts exactly the keys memcached
+	// (and so mcpool and leaseproxy) accept.
+	ErrKeyEmpty       = mckey.ErrEmpty
+	ErrKeyTooLong     = mckey.ErrTooLong
+	ErrKeyInvalidChar = mckey.ErrBadByte
 )
 
 // Errors from Keys for a change that cannot be (fully) mapped to keys. They
@@ -151,85 +154,11 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// Op is the kind of row change.
-type Op uint8
-
-// The operations pgoutput reports. The zero Op is invalid.
-const (
-	Insert Op = iota + 1
-	Update
-	Delete
-	Truncate
-)
-
-func (o Op) String() string {
-	switch o {
-	case Insert:
-		return "INSERT"
-	case Update:
-		return "UPDATE"
-	case Delete:
-		return "DELETE"
-	case Truncate:
-		return "TRUNCATE"
-	}
-	return "Op(" + strconv.Itoa(int(o)) + ")"
-}
-
-// Value is one column value in pgoutput's text format.
-type Value struct {
-	Text string // the text form; meaningless when Null or Unchanged
-	Null bool   // SQL NULL ('n' in pgoutput)
-	// Unchanged is an unchanged TOAST value ('u' in pgoutput): it equals
-	// the old value but was not sent.
-	Unchanged bool
-}
-
-// Column is a named column value.
-type Column struct {
-	Name  string
-	Value Value
-}
-
-// Change is one decoded row change (or one truncated table).
-type Change struct {
-	Table string // "schema.table", as pgoutput names the relation, unquoted
-	Op    Op
-	// Old is the old row of an UPDATE or DELETE as pgoutput sent it. With
-	// REPLICA IDENTITY FULL it holds every column. Otherwise it holds only
-	// the replica-identity columns: the converter must leave out the other
-	// columns, which pgoutput's 'K' tuple sends as NULL ('n'), since a NULL
-	// here means a real NULL and renders no key. Old is nil when not sent,
-	// which for an UPDATE means no identity column changed.
-	Old []Column
-	// New is the new row of an INSERT or UPDATE: every column, with
-	// unchanged TOAST values marked Unchanged.
-	New []Column
-}
-
-// Validate reports whether key is a valid memcached text-protocol key:
-// 1 to 250 bytes, none of them a space or control byte (<= 0x20 or 0x7f).
-// Bytes >= 0x80 are allowed.
-func Validate(key string) error {
-	if len(key) == 0 {
-		return ErrKeyEmpty
-	}
-	if len(key) > MaxKeyLen {
-		return fmt.Errorf("%w: %d bytes", ErrKeyTooLong, len(key))
-	}
-	if i := badByte(key); i >= 0 {
-		return fmt.Errorf("%w: byte 0x%02x at offset %d", ErrKeyInvalidChar, key[i], i)
-	}
-	return nil
-}
+// Validate reports whether key is a valid memcached key (mckey.Check):
+// 1 to 250 bytes, none of them a space, CR, LF or NUL. Other control
+// bytes and bytes >= 0x80 are allowed, as memcached allows them.
+func Validate(key string) error { return mckey.Check(key) }
 
 // badByte returns the index of the first byte of s that memcached does not
 // accept in a key, or -1.
-func badByte(s string) int {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c <= ' ' || c == 0x7f {
-			return i
-		}
-	}
-	return -1
-}
+func badByte(s string) int { return mckey.BadByte(s) }

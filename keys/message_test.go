@@ -24,7 +24,8 @@ func TestParseMessage(t *testing.T) {
 		{"duplicates", "k1 k2 k1 k2 k3", []string{"k1", "k2", "k3"}, nil},
 		{"too long", "k1 " + long + " k2", []string{"k1", "k2"}, []error{ErrKeyTooLong}},
 		{"exactly 250", strings.Repeat("k", 250), []string{strings.Repeat("k", 250)}, nil},
-		{"control byte", "k1 a\x00b k2 c\x7f", []string{"k1", "k2"}, []error{ErrKeyInvalidChar, ErrKeyInvalidChar}},
+		{"NUL byte", "k1 a\x00b k2 c\x00", []string{"k1", "k2"}, []error{ErrKeyInvalidChar, ErrKeyInvalidChar}},
+		{"control byte", "k1 c\x7f", []string{"k1", "c\x7f"}, nil}, // memcached accepts it
 		{"non-ascii", "ключ:1 a\u00a0b", []string{"ключ:1", "a\u00a0b"}, nil},
 	}
 	for _, tt := range tests {
@@ -48,7 +49,7 @@ func TestParseMessage(t *testing.T) {
 
 func TestParseMessageErrorText(t *testing.T) {
 	_, errs := ParseMessage([]byte(strings.Repeat("x", 300)))
-	want := `keys: key longer than 250 bytes: 300 bytes (key "` + strings.Repeat("x", 64) + `...")`
+	want := `mckey: invalid key: longer than 250 bytes: 300 bytes (key "` + strings.Repeat("x", 64) + `...")`
 	if len(errs) != 1 || errs[0].Error() != want {
 		t.Errorf("got %v; want %s", errs, want)
 	}

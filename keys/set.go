@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/pgcache/pgcache/row"
 )
 
 // Rule maps changes of one table to keys.
@@ -239,7 +241,7 @@ type slot struct {
 //
 // Keys allocates only the key strings it appends (plus, when dst grows,
 // the slice) and the errors it returns.
-func (s *Set) Keys(dst []string, c Change) ([]string, []error) {
+func (s *Set) Keys(dst []string, c row.Change) ([]string, []error) {
 	if s == nil {
 		return dst, nil
 	}
@@ -248,8 +250,8 @@ func (s *Set) Keys(dst []string, c Change) ([]string, []error) {
 		return dst, nil
 	}
 	switch c.Op {
-	case Insert, Update, Delete:
-	case Truncate:
+	case row.Insert, row.Update, row.Delete:
+	case row.Truncate:
 		return t.truncate(dst)
 	default:
 		return dst, []error{&Error{Table: t.name, Err: fmt.Errorf("%w: %v", ErrUnknownOp, c.Op)}}
@@ -276,10 +278,10 @@ func (s *Set) Keys(dst []string, c Change) ([]string, []error) {
 			continue
 		}
 		var err, oerr error
-		if c.Op != Delete {
+		if c.Op != row.Delete {
 			dst, err = t.render(dst, start, buf[:0], tp, vals, false)
 		}
-		if c.Op != Insert {
+		if c.Op != row.Insert {
 			dst, oerr = t.render(dst, start, buf[:0], tp, vals, true)
 		}
 		if err == nil {
@@ -385,10 +387,10 @@ func appendUnique(dst []string, start int, k string) []string {
 }
 
 // resolve finds the old and new values of column name in c.
-func resolve(c *Change, name string) slot {
+func resolve(c *row.Change, name string) slot {
 	var sl slot
 	ov, oldOK := find(c.Old, name)
-	if c.Op != Delete {
+	if c.Op != row.Delete {
 		nv, ok := find(c.New, name)
 		switch {
 		case !ok:
@@ -401,11 +403,11 @@ func resolve(c *Change, name string) slot {
 			sl.new = makeVal(nv)
 		}
 	}
-	if c.Op != Insert {
+	if c.Op != row.Insert {
 		switch {
 		case oldOK && !ov.Unchanged:
 			sl.old = makeVal(ov)
-		case c.Op == Update:
+		case c.Op == row.Update:
 			// Not sent: no identity column changed, so the old value
 			// equals the new one (given check's identity guarantee).
 			sl.old = sl.new
@@ -418,7 +420,7 @@ func resolve(c *Change, name string) slot {
 	return sl
 }
 
-func makeVal(v Value) val {
+func makeVal(v row.Value) val {
 	switch {
 	case v.Null:
 		return val{st: stNull}
@@ -428,11 +430,11 @@ func makeVal(v Value) val {
 	return val{s: v.Text, st: stOK}
 }
 
-func find(cols []Column, name string) (Value, bool) {
+func find(cols []row.Column, name string) (row.Value, bool) {
 	for i := range cols {
 		if cols[i].Name == name {
 			return cols[i].Value, true
 		}
 	}
-	return Value{}, false
+	return row.Value{}, false
 }

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 	"github.com/pgcache/pgcache/wal"
 )
 
@@ -87,7 +88,7 @@ func (h *Handler) Begin(_ context.Context, tx wal.TxInfo) error {
 }
 
 // Change implements wal.Handler.
-func (h *Handler) Change(ctx context.Context, _ wal.TxInfo, c keys.Change) error {
+func (h *Handler) Change(ctx context.Context, _ wal.TxInfo, c row.Change) error {
 	h.m.Changes.Inc()
 	var errs []error
 	h.buf, errs = h.rules.Keys(h.buf[:0], c)

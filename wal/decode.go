@@ -11,8 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-
-	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 )
 
 // This file decodes pgoutput protocol version 1 messages (text format) and
@@ -51,8 +50,8 @@ type decoder struct {
 	// message it accepted.
 	lastDispatched pglogrepl.LSN
 
-	change   keys.Change
-	old, new []keys.Column
+	change   row.Change
+	old, new []row.Column
 }
 
 func newDecoder(tables []string, prefixes []string, cnt *counters) *decoder {
@@ -309,7 +308,7 @@ func (d *decoder) relation(r *reader) error {
 
 // tuple decodes TupleData into dst. With keyOnly, only replica-identity
 // columns are kept: a 'K' tuple sends the others as NULL placeholders.
-func (d *decoder) tuple(r *reader, rel *relation, dst []keys.Column, keyOnly bool) ([]keys.Column, error) {
+func (d *decoder) tuple(r *reader, rel *relation, dst []row.Column, keyOnly bool) ([]row.Column, error) {
 	n := int(r.u16())
 	if r.bad {
 		return dst, decodeErr("tuple truncated")
@@ -321,7 +320,7 @@ func (d *decoder) tuple(r *reader, rel *relation, dst []keys.Column, keyOnly boo
 	for i := 0; i < n; i++ {
 		// A filtered table's values are checked but not kept.
 		keep := rel.wanted && (!keyOnly || rel.key[i])
-		var v keys.Value
+		var v row.Value
 		switch kind := r.u8(); kind {
 		case 'n':
 			v.Null = true
@@ -343,7 +342,7 @@ func (d *decoder) tuple(r *reader, rel *relation, dst []keys.Column, keyOnly boo
 			return dst, decodeErr("tuple of %s: column %q has value kind %q", rel.table, rel.cols[i], kind)
 		}
 		if keep {
-			dst = append(dst, keys.Column{Name: rel.cols[i], Value: v})
+			dst = append(dst, row.Column{Name: rel.cols[i], Value: v})
 		}
 	}
 	return dst, nil
@@ -370,16 +369,16 @@ func (d *decoder) rowChange(ctx context.Context, h Handler, kind byte, r *reader
 		return err
 	}
 	c := &d.change
-	*c = keys.Change{Table: rel.table}
+	*c = row.Change{Table: rel.table}
 	tag := r.u8()
 	switch kind {
 	case 'I':
-		c.Op = keys.Insert
+		c.Op = row.Insert
 		if tag != 'N' {
 			return decodeErr("Insert at %s: tuple tag %q, want 'N'", walStart, tag)
 		}
 	case 'U':
-		c.Op = keys.Update
+		c.Op = row.Update
 		if tag == 'K' || tag == 'O' {
 			if d.old, err = d.tuple(r, rel, d.old, tag == 'K'); err != nil {
 				return err
@@ -391,7 +390,7 @@ func (d *decoder) rowChange(ctx context.Context, h Handler, kind byte, r *reader
 			return decodeErr("Update at %s: tuple tag %q, want 'N'", walStart, tag)
 		}
 	case 'D':
-		c.Op = keys.Delete
+		c.Op = row.Delete
 		if tag != 'K' && tag != 'O' {
 			return decodeErr("Delete at %s: tuple tag %q, want 'K' or 'O'", walStart, tag)
 		}
@@ -442,7 +441,7 @@ func (d *decoder) truncate(ctx context.Context, h Handler, r *reader, walStart p
 			d.cnt.skippedChanges.Add(1)
 			continue
 		}
-		if err := h.Change(ctx, d.tx, keys.Change{Table: rel.table, Op: keys.Truncate}); err != nil {
+		if err := h.Change(ctx, d.tx, row.Change{Table: rel.table, Op: row.Truncate}); err != nil {
 			return &handlerError{"Change", walStart, err}
 		}
 		d.cnt.changes.Add(1)

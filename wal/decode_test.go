@@ -10,9 +10,8 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/pgcache/pgcache/row"
 	"go.uber.org/zap/zaptest"
-
-	"github.com/pgcache/pgcache/keys"
 )
 
 // Encoders for pgoutput protocol version 1 messages, written from the
@@ -113,7 +112,7 @@ func encMessage(transactional bool, lsn pglogrepl.LSN, prefix, content string) [
 type event struct {
 	Op     string
 	Tx     TxInfo
-	Change keys.Change
+	Change row.Change
 	Msg    Message
 }
 
@@ -133,18 +132,18 @@ func (r *recorder) add(e event) error {
 	return nil
 }
 
-func copyCols(cs []keys.Column) []keys.Column {
+func copyCols(cs []row.Column) []row.Column {
 	if cs == nil {
 		return nil
 	}
-	return append([]keys.Column{}, cs...)
+	return append([]row.Column{}, cs...)
 }
 
 func (r *recorder) Begin(_ context.Context, tx TxInfo) error {
 	return r.add(event{Op: "Begin", Tx: tx})
 }
 
-func (r *recorder) Change(_ context.Context, tx TxInfo, c keys.Change) error {
+func (r *recorder) Change(_ context.Context, tx TxInfo, c row.Change) error {
 	c.Old, c.New = copyCols(c.Old), copyCols(c.New)
 	return r.add(event{Op: "Change", Tx: tx, Change: c})
 }
@@ -163,10 +162,10 @@ var (
 	t1 = t0.Add(time.Second)
 )
 
-func cols(kv ...string) []keys.Column {
-	out := make([]keys.Column, 0, len(kv)/2)
+func cols(kv ...string) []row.Column {
+	out := make([]row.Column, 0, len(kv)/2)
 	for i := 0; i+1 < len(kv); i += 2 {
-		out = append(out, keys.Column{Name: kv[i], Value: keys.Value{Text: kv[i+1]}})
+		out = append(out, row.Column{Name: kv[i], Value: row.Value{Text: kv[i+1]}})
 	}
 	return out
 }
@@ -191,7 +190,7 @@ func TestDecode(t *testing.T) {
 		msgs: [][]byte{begin, posts, encInsert(16400, tv("1"), tv("7"), tv("hello")), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Insert, New: cols("id", "1", "author_id", "7", "body", "hello")}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Insert, New: cols("id", "1", "author_id", "7", "body", "hello")}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -200,9 +199,9 @@ func TestDecode(t *testing.T) {
 			encUpdate(16400, 'K', []val{tv("1"), null, null}, []val{tv("2"), tv("7"), unchanged}), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Update,
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Update,
 				Old: cols("id", "1"),
-				New: []keys.Column{{Name: "id", Value: keys.Value{Text: "2"}}, {Name: "author_id", Value: keys.Value{Text: "7"}}, {Name: "body", Value: keys.Value{Unchanged: true}}}}},
+				New: []row.Column{{Name: "id", Value: row.Value{Text: "2"}}, {Name: "author_id", Value: row.Value{Text: "7"}}, {Name: "body", Value: row.Value{Unchanged: true}}}}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -211,8 +210,8 @@ func TestDecode(t *testing.T) {
 			encUpdate(16400, 'O', []val{tv("1"), tv("7"), null}, []val{tv("1"), tv("8"), tv("x")}), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Update,
-				Old: []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "author_id", Value: keys.Value{Text: "7"}}, {Name: "body", Value: keys.Value{Null: true}}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Update,
+				Old: []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "author_id", Value: row.Value{Text: "7"}}, {Name: "body", Value: row.Value{Null: true}}},
 				New: cols("id", "1", "author_id", "8", "body", "x")}},
 			{Op: "Commit", Tx: txEnd},
 		},
@@ -221,7 +220,7 @@ func TestDecode(t *testing.T) {
 		msgs: [][]byte{begin, posts, encUpdate(16400, 0, nil, []val{tv("1"), tv("8"), tv("x")}), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Update, New: cols("id", "1", "author_id", "8", "body", "x")}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Update, New: cols("id", "1", "author_id", "8", "body", "x")}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -229,7 +228,7 @@ func TestDecode(t *testing.T) {
 		msgs: [][]byte{begin, posts, encDelete(16400, 'K', tv("3"), null, null), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Delete, Old: cols("id", "3")}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Delete, Old: cols("id", "3")}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -237,7 +236,7 @@ func TestDecode(t *testing.T) {
 		msgs: [][]byte{begin, postsFull, encDelete(16400, 'O', tv("3"), tv("9"), tv("b")), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Delete, Old: cols("id", "3", "author_id", "9", "body", "b")}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Delete, Old: cols("id", "3", "author_id", "9", "body", "b")}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -246,7 +245,7 @@ func TestDecode(t *testing.T) {
 		msgs:   [][]byte{begin, posts, other, encTruncate(16500, 16400), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "public.posts", Op: keys.Truncate}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "public.posts", Op: row.Truncate}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -259,7 +258,7 @@ func TestDecode(t *testing.T) {
 		msgs: [][]byte{begin, catalog, encInsert(16600, tv("1")), commit},
 		want: []event{
 			{Op: "Begin", Tx: tx},
-			{Op: "Change", Tx: tx, Change: keys.Change{Table: "pg_catalog.t", Op: keys.Insert, New: cols("id", "1")}},
+			{Op: "Change", Tx: tx, Change: row.Change{Table: "pg_catalog.t", Op: row.Insert, New: cols("id", "1")}},
 			{Op: "Commit", Tx: txEnd},
 		},
 	}, {
@@ -525,11 +524,11 @@ func (c *seqChecker) Begin(_ context.Context, tx TxInfo) error {
 	return nil
 }
 
-func (c *seqChecker) Change(_ context.Context, tx TxInfo, ch keys.Change) error {
+func (c *seqChecker) Change(_ context.Context, tx TxInfo, ch row.Change) error {
 	if !c.open || tx != c.tx {
 		return c.fail("got Change outside its transaction (open %v, tx %+v, current %+v)", c.open, tx, c.tx)
 	}
-	if ch.Op < keys.Insert || ch.Op > keys.Truncate || ch.Table == "" {
+	if ch.Op < row.Insert || ch.Op > row.Truncate || ch.Table == "" {
 		return c.fail("got change %+v; want a valid op and table", ch)
 	}
 	return nil
@@ -556,10 +555,10 @@ func (c *seqChecker) Commit(_ context.Context, tx TxInfo) error {
 // nopHandler discards everything.
 type nopHandler struct{}
 
-func (nopHandler) Begin(context.Context, TxInfo) error               { return nil }
-func (nopHandler) Change(context.Context, TxInfo, keys.Change) error { return nil }
-func (nopHandler) Message(context.Context, TxInfo, Message) error    { return nil }
-func (nopHandler) Commit(context.Context, TxInfo) error              { return nil }
+func (nopHandler) Begin(context.Context, TxInfo) error              { return nil }
+func (nopHandler) Change(context.Context, TxInfo, row.Change) error { return nil }
+func (nopHandler) Message(context.Context, TxInfo, Message) error   { return nil }
+func (nopHandler) Commit(context.Context, TxInfo) error             { return nil }
 
 // BenchmarkDecode measures decoding one row change of a 6-column row, the
 // per-change cost on the tail's hot path.

@@ -15,9 +15,8 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/pgcache/pgcache/row"
 	"go.uber.org/zap"
-
-	"github.com/pgcache/pgcache/keys"
 )
 
 // TxInfo identifies a committed transaction.
@@ -66,7 +65,7 @@ type Message struct {
 // returns because ctx ended makes Run return nil.
 type Handler interface {
 	Begin(ctx context.Context, tx TxInfo) error
-	Change(ctx context.Context, tx TxInfo, c keys.Change) error
+	Change(ctx context.Context, tx TxInfo, c row.Change) error
 	Message(ctx context.Context, tx TxInfo, m Message) error
 	Commit(ctx context.Context, tx TxInfo) error
 }

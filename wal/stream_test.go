@@ -17,7 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap/zaptest"
 
-	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 	"github.com/pgcache/pgcache/testenv"
 )
 
@@ -148,7 +148,7 @@ func (c *collector) Begin(ctx context.Context, tx TxInfo) error {
 	return c.rec.Begin(ctx, tx)
 }
 
-func (c *collector) Change(ctx context.Context, tx TxInfo, ch keys.Change) error {
+func (c *collector) Change(ctx context.Context, tx TxInfo, ch row.Change) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.rec.Change(ctx, tx, ch)
@@ -208,7 +208,7 @@ func commits(evs []event) []TxInfo {
 func insertedIDs(evs []event) []int {
 	var out []int
 	for _, e := range evs {
-		if e.Op == "Change" && e.Change.Op == keys.Insert {
+		if e.Op == "Change" && e.Change.Op == row.Insert {
 			for _, c := range e.Change.New {
 				if c.Name == "id" {
 					n, _ := strconv.Atoi(c.Value.Text)
@@ -239,47 +239,47 @@ func (pg *pgEnv) testDecode(t *testing.T) {
 		want []event // Change and Message events of the transaction
 	}{{
 		sql:  "INSERT INTO dec_a VALUES (1, 10, 'x')",
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Insert, New: cols("id", "1", "author_id", "10", "body", "x")}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Insert, New: cols("id", "1", "author_id", "10", "body", "x")}}},
 	}, {
 		sql:  "UPDATE dec_a SET author_id = 11 WHERE id = 1", // key unchanged: no old row
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Update, New: cols("id", "1", "author_id", "11", "body", "x")}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Update, New: cols("id", "1", "author_id", "11", "body", "x")}}},
 	}, {
 		sql: "UPDATE dec_a SET id = 2 WHERE id = 1", // key changed: old row is the key only
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Update,
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Update,
 			Old: cols("id", "1"), New: cols("id", "2", "author_id", "11", "body", "x")}}},
 	}, {
 		sql:  "INSERT INTO dec_a VALUES (3, 30, '" + big + "')",
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Insert, New: cols("id", "3", "author_id", "30", "body", big)}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Insert, New: cols("id", "3", "author_id", "30", "body", big)}}},
 	}, {
 		sql: "UPDATE dec_a SET author_id = 31 WHERE id = 3", // TOASTed body unchanged: not sent
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Update,
-			New: []keys.Column{{Name: "id", Value: keys.Value{Text: "3"}}, {Name: "author_id", Value: keys.Value{Text: "31"}}, {Name: "body", Value: keys.Value{Unchanged: true}}}}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Update,
+			New: []row.Column{{Name: "id", Value: row.Value{Text: "3"}}, {Name: "author_id", Value: row.Value{Text: "31"}}, {Name: "body", Value: row.Value{Unchanged: true}}}}}},
 	}, {
 		sql:  "DELETE FROM dec_a WHERE id = 2",
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Delete, Old: cols("id", "2")}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Delete, Old: cols("id", "2")}}},
 	}, {
 		sql:  "INSERT INTO dec_f VALUES (1, 10, '" + big + "')",
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_f", Op: keys.Insert, New: cols("id", "1", "author_id", "10", "body", big)}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_f", Op: row.Insert, New: cols("id", "1", "author_id", "10", "body", big)}}},
 	}, {
 		sql: "UPDATE dec_f SET author_id = 11 WHERE id = 1", // FULL: every old column, TOAST included
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_f", Op: keys.Update,
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_f", Op: row.Update,
 			Old: cols("id", "1", "author_id", "10", "body", big),
-			New: []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "author_id", Value: keys.Value{Text: "11"}}, {Name: "body", Value: keys.Value{Unchanged: true}}}}}},
+			New: []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "author_id", Value: row.Value{Text: "11"}}, {Name: "body", Value: row.Value{Unchanged: true}}}}}},
 	}, {
 		sql:  "UPDATE dec_f SET body = NULL WHERE id = 1; DELETE FROM dec_f WHERE id = 1",
-		want: []event{{Op: "Change", Change: keys.Change{Table: "public.dec_f", Op: keys.Update, Old: cols("id", "1", "author_id", "11", "body", big), New: []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "author_id", Value: keys.Value{Text: "11"}}, {Name: "body", Value: keys.Value{Null: true}}}}}, {Op: "Change", Change: keys.Change{Table: "public.dec_f", Op: keys.Delete, Old: []keys.Column{{Name: "id", Value: keys.Value{Text: "1"}}, {Name: "author_id", Value: keys.Value{Text: "11"}}, {Name: "body", Value: keys.Value{Null: true}}}}}},
+		want: []event{{Op: "Change", Change: row.Change{Table: "public.dec_f", Op: row.Update, Old: cols("id", "1", "author_id", "11", "body", big), New: []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "author_id", Value: row.Value{Text: "11"}}, {Name: "body", Value: row.Value{Null: true}}}}}, {Op: "Change", Change: row.Change{Table: "public.dec_f", Op: row.Delete, Old: []row.Column{{Name: "id", Value: row.Value{Text: "1"}}, {Name: "author_id", Value: row.Value{Text: "11"}}, {Name: "body", Value: row.Value{Null: true}}}}}},
 	}, {
 		sql: "TRUNCATE dec_a, dec_f",
 		want: []event{
-			{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Truncate}},
-			{Op: "Change", Change: keys.Change{Table: "public.dec_f", Op: keys.Truncate}},
+			{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Truncate}},
+			{Op: "Change", Change: row.Change{Table: "public.dec_f", Op: row.Truncate}},
 		},
 	}, {
 		sql: `BEGIN; INSERT INTO dec_other VALUES (1); INSERT INTO dec_a VALUES (5, 50, 'y');
 			SELECT pg_logical_emit_message(true, 'invalidate', 'k1 k2');
 			SELECT pg_logical_emit_message(true, 'ignored', 'k3'); COMMIT`,
 		want: []event{
-			{Op: "Change", Change: keys.Change{Table: "public.dec_a", Op: keys.Insert, New: cols("id", "5", "author_id", "50", "body", "y")}},
+			{Op: "Change", Change: row.Change{Table: "public.dec_a", Op: row.Insert, New: cols("id", "5", "author_id", "50", "body", "y")}},
 			{Op: "Message", Msg: Message{Transactional: true, Prefix: "invalidate", Content: []byte("k1 k2")}},
 		},
 	}}
@@ -343,7 +343,7 @@ func fmtEvents(evs []event) string {
 	return sb.String()
 }
 
-func fmtCols(cs []keys.Column) string {
+func fmtCols(cs []row.Column) string {
 	if cs == nil {
 		return "nil"
 	}
@@ -624,7 +624,7 @@ type heapWatcher struct {
 
 func (h *heapWatcher) Begin(context.Context, TxInfo) error { return nil }
 
-func (h *heapWatcher) Change(_ context.Context, _ TxInfo, c keys.Change) error {
+func (h *heapWatcher) Change(_ context.Context, _ TxInfo, c row.Change) error {
 	h.changes++
 	if h.changes%50000 == 0 {
 		h.sample()

@@ -1,6 +1,6 @@
 // Package wal tails a Postgres primary's logical replication slot: it sets
 // up the publication and the pgoutput slot, decodes committed transactions
-// into keys.Change values and logical messages, hands them to a Handler in
+// into row.Change values and logical messages, hands them to a Handler in
 // WAL order, and reports back to the server only the positions the caller
 // confirmed. It leaves key rendering to keys, transport to bus and cache
 // deletes to purge.

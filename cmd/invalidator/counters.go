@@ -55,7 +55,7 @@ import (
 
 	"github.com/pgcache/pgcache/batcher"
 	"github.com/pgcache/pgcache/counters"
-	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/row"
 	"github.com/pgcache/pgcache/tail"
 	"github.com/pgcache/pgcache/wal"
 )
@@ -178,7 +178,7 @@ func (h *counterHandler) Begin(ctx context.Context, tx wal.TxInfo) error {
 	return nil
 }
 
-func (h *counterHandler) Change(ctx context.Context, tx wal.TxInfo, c keys.Change) error {
+func (h *counterHandler) Change(ctx context.Context, tx wal.TxInfo, c row.Change) error {
 	if !h.set.HasTable(c.Table) {
 		return nil
 	}
@@ -262,7 +262,7 @@ func (f fanout) Begin(ctx context.Context, tx wal.TxInfo) error {
 	return f.ctr.Begin(ctx, tx)
 }
 
-func (f fanout) Change(ctx context.Context, tx wal.TxInfo, c keys.Change) error {
+func (f fanout) Change(ctx context.Context, tx wal.TxInfo, c row.Change) error {
 	if err := f.tail.Change(ctx, tx, c); err != nil {
 		return err
 	}
