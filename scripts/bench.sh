@@ -15,3 +15,5 @@ go test -run '^$' -bench VersusNaive -benchtime 30000x ./batcher/
 echo "== leaseproxy vs memcached direct vs nutcracker (memcaslap, own load generator, herd)"
 # 5 rounds of 5 s per target, taking turns (see the script).
 bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-5}" 10,100,1000,10000 "${BENCH_ROUNDS:-5}"
+echo "== leaseproxy vs nutcracker under memory attacks (issue 14): peak RSS under a 1.5 GB multi-get that is not read, and 1,000 declared 1 MB sets"
+bash scripts/bench/leaseproxyattack.sh "${ATTACK_SECONDS:-10}"
