@@ -18,9 +18,9 @@
 // JetStream stream both do.
 //
 // The caller must not drop an input it could not apply before it is
-// durable: OnDurable reports, per source, the highest position whose
-// inputs are all committed (or carried no delta). The WAL's confirmed LSN
-// and a stream's consumer position must not pass it.
+// durable: an Input's Ack is done once every input of its source up to
+// its position is committed (or carried no delta). The WAL's confirmed
+// LSN moves only with those Acks.
 //
 // # Bounded memory and backpressure
 //
@@ -55,11 +55,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"slices"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/pgcache/pgcache/backoff"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -115,6 +116,11 @@ type Delta struct {
 type Input struct {
 	Source string
 	Pos    Pos
+	// Ack (may be nil) is done once this input, and every input of its
+	// source before it, is committed or carried nothing: at once for an
+	// input already durable, after the flush that holds it otherwise.
+	// Add takes it only when it returns no error.
+	Ack Ack
 	// Time is when the input happened (a commit time); the lag metric
 	// measures from it. Zero: when Add is called.
 	Time   time.Time
@@ -266,10 +272,9 @@ func (b *batch) dirty() bool { return len(b.groups) > 0 || len(b.resets) > 0 }
 // stop (pending deltas are dropped; their inputs are redelivered since
 // they were never reported durable).
 type Batcher struct {
-	cfg       Config
-	fl        Flusher
-	m         *Metrics
-	onDurable func(source string, pos Pos)
+	cfg Config
+	fl  Flusher
+	m   *Metrics
 
 	mu       sync.Mutex // guards everything below
 	loaded   bool
@@ -278,22 +283,27 @@ type Batcher struct {
 	stored   map[string]Pos
 	durable  map[string]Pos
 	pend     *batch
-	flushing *batch        // nil when no flush is in flight
-	swapped  chan struct{} // closed when pend is taken for a flush (or on drain)
-	drained  chan struct{} // closed when Run has flushed everything after Drain
-	stats    Stats         // counters only
-	notify   []Checkpoint  // durable positions to report, outside mu
-	kick     chan struct{} // wakes Run
-	runDone  chan struct{} // closed when Run returns
+	flushing *batch              // nil when no flush is in flight
+	swapped  chan struct{}       // closed when pend is taken for a flush (or on drain)
+	drained  chan struct{}       // closed when Run has flushed everything after Drain
+	stats    Stats               // counters only
+	waiting  map[string][]waiter // Acks of inputs not yet durable, per source, by position
+	kick     chan struct{}       // wakes Run
+	runDone  chan struct{}       // closed when Run returns
 	runOnce  sync.Once
-	notifyMu sync.Mutex // serializes onDurable calls, in increasing order
 }
 
-// New returns a batcher writing with fl. onDurable (may be nil) is called
-// with increasing positions per source once every input of the source up
-// to pos is committed or carried nothing; it must not block for long or
-// call the Batcher. m may be nil.
-func New(cfg Config, fl Flusher, m *Metrics, onDurable func(source string, pos Pos)) (*Batcher, error) {
+// Ack is the acknowledgement of an input (wal.Ack implements it).
+type Ack interface{ Done() }
+
+// waiter is an input's Ack waiting for its position to be durable.
+type waiter struct {
+	pos Pos
+	ack Ack
+}
+
+// New returns a batcher writing with fl. m may be nil.
+func New(cfg Config, fl Flusher, m *Metrics) (*Batcher, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -303,11 +313,8 @@ func New(cfg Config, fl Flusher, m *Metrics, onDurable func(source string, pos P
 	if m == nil {
 		m = NewMetrics(nil)
 	}
-	if onDurable == nil {
-		onDurable = func(string, Pos) {}
-	}
 	return &Batcher{
-		cfg: cfg.withDefaults(), fl: fl, m: m, onDurable: onDurable,
+		cfg: cfg.withDefaults(), fl: fl, m: m, waiting: map[string][]waiter{},
 		hw: map[string]Pos{}, stored: map[string]Pos{}, durable: map[string]Pos{},
 		pend: newBatch(), swapped: make(chan struct{}), drained: make(chan struct{}),
 		kick: make(chan struct{}, 1), runDone: make(chan struct{}),
@@ -324,6 +331,7 @@ func (b *Batcher) Load(ctx context.Context, sources ...string) error {
 	if err != nil {
 		return fmt.Errorf("batcher: load checkpoints: %w", err)
 	}
+	defer b.report() // Acks of inputs the stored checkpoints cover
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	for src, p := range cps {
@@ -386,17 +394,21 @@ func (b *Batcher) add(ctx context.Context, in Input, limit time.Duration) (bool,
 		return false, err
 	}
 	if !b.hw[in.Source].Less(in.Pos) {
+		// Added before (a redelivery): its Ack waits for the first
+		// delivery's flush, or is done now if that committed.
 		b.stats.Skipped++
+		b.waitLocked(in)
 		b.mu.Unlock()
+		b.report()
 		return false, nil
 	}
 	if in.empty() {
 		b.hw[in.Source] = in.Pos
 		if !b.pend.has[in.Source] && (b.flushing == nil || !b.flushing.has[in.Source]) {
 			b.durable[in.Source] = in.Pos
-			b.notify = append(b.notify, Checkpoint{Source: in.Source, Pos: in.Pos})
 		}
 		b.pend.pos[in.Source] = in.Pos
+		b.waitLocked(in)
 		b.mu.Unlock()
 		b.report()
 		return true, nil
@@ -458,6 +470,7 @@ func (b *Batcher) add(ctx context.Context, in Input, limit time.Duration) (bool,
 	p.has[in.Source] = true
 	p.pos[in.Source] = in.Pos
 	b.hw[in.Source] = in.Pos
+	b.waitLocked(in)
 	n := uint64(len(in.Sets) + len(in.Deltas))
 	b.stats.Deltas += n
 	pending := len(p.groups)
@@ -502,16 +515,45 @@ func (b *Batcher) wake() {
 	}
 }
 
-// report calls onDurable for the queued positions, in order.
+// waitLocked queues in's Ack until its position is durable. b.mu is held.
+func (b *Batcher) waitLocked(in Input) {
+	if in.Ack == nil {
+		return
+	}
+	ws := b.waiting[in.Source]
+	i := sort.Search(len(ws), func(i int) bool { return in.Pos.Less(ws[i].pos) })
+	ws = append(ws, waiter{})
+	copy(ws[i+1:], ws[i:])
+	ws[i] = waiter{pos: in.Pos, ack: in.Ack}
+	b.waiting[in.Source] = ws
+}
+
+// releaseLocked takes the Acks whose positions are durable. b.mu is held.
+func (b *Batcher) releaseLocked() []Ack {
+	var done []Ack
+	for src, ws := range b.waiting {
+		d := b.durable[src]
+		n := 0
+		for n < len(ws) && !d.Less(ws[n].pos) {
+			done = append(done, ws[n].ack)
+			n++
+		}
+		if n == len(ws) {
+			delete(b.waiting, src)
+		} else if n > 0 {
+			b.waiting[src] = slices.Delete(ws, 0, n)
+		}
+	}
+	return done
+}
+
+// report does the Acks of the inputs that became durable.
 func (b *Batcher) report() {
-	b.notifyMu.Lock()
-	defer b.notifyMu.Unlock()
 	b.mu.Lock()
-	n := b.notify
-	b.notify = nil
+	done := b.releaseLocked()
 	b.mu.Unlock()
-	for _, c := range n {
-		b.onDurable(c.Source, c.Pos)
+	for _, a := range done {
+		a.Done()
 	}
 }
 
@@ -623,14 +665,12 @@ func (b *Batcher) Run(ctx context.Context) error {
 			b.stored[c.Source] = c.Pos
 			if b.durable[c.Source].Less(c.Pos) {
 				b.durable[c.Source] = c.Pos
-				b.notify = append(b.notify, Checkpoint{Source: c.Source, Pos: c.Pos})
 			}
 		}
 		// Positions without data that arrived during the flush.
 		for src, pos := range b.pend.pos {
 			if !b.pend.has[src] && b.durable[src].Less(pos) {
 				b.durable[src] = pos
-				b.notify = append(b.notify, Checkpoint{Source: src, Pos: pos})
 			}
 		}
 		b.flushing = nil
@@ -671,8 +711,7 @@ func (b *Batcher) build(p *batch) *Batch {
 // flush writes bt, retrying with backoff until it commits, ctx ends, or
 // the checkpoint moved.
 func (b *Batcher) flush(ctx context.Context, bt *Batch) error {
-	wait := b.cfg.RetryMin
-	for {
+	for attempt := 0; ; attempt++ {
 		start := time.Now()
 		err := b.fl.Flush(ctx, bt)
 		b.m.FlushSeconds.Observe(time.Since(start).Seconds())
@@ -689,13 +728,9 @@ func (b *Batcher) flush(ctx context.Context, bt *Batch) error {
 		if errors.Is(err, ErrCheckpointMoved) {
 			return err
 		}
-		d := wait/2 + rand.N(wait/2+1)
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(d):
+		if err := (backoff.Policy{Min: b.cfg.RetryMin, Max: b.cfg.RetryMax}).Sleep(ctx, attempt); err != nil {
+			return err
 		}
-		wait = min(2*wait, b.cfg.RetryMax)
 	}
 }
 

@@ -8,9 +8,7 @@ import (
 
 func ExampleBatcher() {
 	fl := newMem() // in production: NewPG(PGConfig{DSN: ..., MessagePrefix: "invalidate"})
-	b, err := New(Config{MaxPending: 1000, Interval: time.Hour}, fl, nil, func(source string, pos Pos) {
-		fmt.Println("durable:", source, pos)
-	})
+	b, err := New(Config{MaxPending: 1000, Interval: time.Hour}, fl, nil)
 	if err != nil {
 		panic(err)
 	}
@@ -30,7 +28,7 @@ func ExampleBatcher() {
 		{Source: "wal", Pos: Pos{100, 2}, Deltas: []Delta{like}},
 		{Source: "wal", Pos: Pos{120, 0}}, // the transaction's end
 		{Source: "wal", Pos: Pos{130, 1}, Deltas: []Delta{like, unlike}},
-		{Source: "wal", Pos: Pos{140, 0}},
+		{Source: "wal", Pos: Pos{140, 0}, Ack: ackFunc(func() { fmt.Println("durable: wal 140/0") })},
 		{Source: "wal", Pos: Pos{100, 2}, Deltas: []Delta{like}}, // redelivered: skipped
 	} {
 		if _, err := b.Add(ctx, in); err != nil {

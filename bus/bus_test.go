@@ -102,6 +102,11 @@ func (c *collector) has(want []string) bool {
 // grouped, a large one split into parts) and checks that both DCs' durable
 // consumers get every key and that positions are reported in order, only
 // after the acks.
+// ackFunc is a bus.Ack that calls itself.
+type ackFunc func()
+
+func (f ackFunc) Done() { f() }
+
 func TestPublishConsumeAcrossDCs(t *testing.T) {
 	env := testenv.New(t, testenv.Options{NoPostgres: true, MemcachedPerDC: -1})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -119,14 +124,17 @@ func TestPublishConsumeAcrossDCs(t *testing.T) {
 
 	var mu sync.Mutex
 	var durable []uint64
+	ack := func(lsn uint64) bus.Ack {
+		return ackFunc(func() {
+			mu.Lock()
+			durable = append(durable, lsn)
+			mu.Unlock()
+		})
+	}
 	cfg := bus.DefaultPublisherConfig()
 	cfg.Origin = "dc1"
 	cfg.MaxBatchKeys = 100
-	pub, err := bus.NewPublisher(js1, cfg, log, func(lsn uint64) {
-		mu.Lock()
-		durable = append(durable, lsn)
-		mu.Unlock()
-	})
+	pub, err := bus.NewPublisher(js1, cfg, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +152,7 @@ func TestPublishConsumeAcrossDCs(t *testing.T) {
 		if err := pub.Add(ctx, ks...); err != nil {
 			t.Fatal(err)
 		}
-		if err := pub.EndTx(ctx, lsn+10); err != nil {
+		if err := pub.EndTx(ctx, lsn+10, ack(lsn+10)); err != nil {
 			t.Fatal(err)
 		}
 		lsn += 100
@@ -157,12 +165,12 @@ func TestPublishConsumeAcrossDCs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := pub.EndTx(ctx, lsn+10); err != nil {
+	if err := pub.EndTx(ctx, lsn+10, ack(lsn+10)); err != nil {
 		t.Fatal(err)
 	}
 	lsn += 100
 	pub.BeginTx(lsn, time.Now())
-	if err := pub.EndTx(ctx, lsn+10); err != nil {
+	if err := pub.EndTx(ctx, lsn+10, ack(lsn+10)); err != nil {
 		t.Fatal(err)
 	}
 	last := lsn + 10
@@ -176,8 +184,8 @@ func TestPublishConsumeAcrossDCs(t *testing.T) {
 		t.Errorf("Add after Drain: got %v; want ErrClosed", err)
 	}
 	mu.Lock()
-	if len(durable) == 0 || durable[len(durable)-1] != last {
-		t.Errorf("durable positions %v; want last %d", durable, last)
+	if len(durable) != 52 || durable[len(durable)-1] != last {
+		t.Errorf("got acks %v; want 52 (one per transaction), the last %d", durable, last)
 	}
 	for i := 1; i < len(durable); i++ {
 		if durable[i] <= durable[i-1] {

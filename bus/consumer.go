@@ -88,7 +88,7 @@ func (c *Consumer) Run(ctx context.Context, handle func(*Delivery)) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		d := backoff(attempt)
+		d := retry.Delay(attempt)
 		c.log.Warn("consumer interrupted; retrying", zap.String("durable", c.cfg.Durable()), zap.Error(err), zap.Duration("retry_in", d))
 		select {
 		case <-time.After(d):

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/pgcache/pgcache/backoff"
 	"go.uber.org/zap"
 )
 
@@ -19,7 +19,10 @@ var ErrClosed = errors.New("bus: publisher closed")
 // StreamConfig says which stream carries invalidations and how it is kept.
 type StreamConfig struct {
 	Name    string // stream name; default INVALIDATIONS
-	Subject string // the stream's subject; default "pgcache.invalidations"
+	Subject string // the stream's subject (wildcards allowed); default "pgcache.invalidations"
+	// Description is shown by nats stream info; default: the invalidation
+	// batches' format.
+	Description string
 	// Placement is the NATS cluster (datacenter) the stream is created in
 	// when missing; empty lets NATS choose.
 	Placement string
@@ -36,6 +39,9 @@ func (c *StreamConfig) defaults() {
 	}
 	if c.Subject == "" {
 		c.Subject = "pgcache.invalidations"
+	}
+	if c.Description == "" {
+		c.Description = "pgcache invalidation batches (format: bus.Batch)"
 	}
 	if c.Replicas == 0 {
 		c.Replicas = 1
@@ -61,7 +67,7 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig)
 	}
 	sc := jetstream.StreamConfig{
 		Name:        cfg.Name,
-		Description: "pgcache invalidation batches (format: bus.Batch)",
+		Description: cfg.Description,
 		Subjects:    []string{cfg.Subject},
 		Retention:   jetstream.LimitsPolicy,
 		Storage:     jetstream.FileStorage,
@@ -127,36 +133,45 @@ type PublisherStats struct {
 	DurableLSN             uint64
 }
 
-// pending is one published batch waiting for its ack, or a position to
-// report once everything before it is acked.
+// Ack is the acknowledgement of one transaction handed to the publisher
+// (wal.Ack implements it): Done is called once every batch holding keys
+// of the transaction is acked by JetStream.
+type Ack interface{ Done() }
+
+// pending is one published batch waiting for its ack, or transactions
+// without keys to acknowledge once everything before them is acked.
 type pending struct {
-	fut     jetstream.PubAckFuture // nil for a position-only entry
+	fut     jetstream.PubAckFuture // nil for an entry without keys
 	msg     *nats.Msg
-	confirm uint64 // report this LSN once acked (0: none)
+	confirm uint64 // the end LSN of its last whole transaction (0: none), for stats
+	acks    []Ack  // the transactions that end in this batch
 	keys    int
 }
 
 // Publisher groups transactions' keys into batches and publishes them
 // asynchronously. Its lifecycle: NewPublisher, then Run in a goroutine
-// (it awaits acks in order and calls onDurable), then Add/EndTx from one
-// producer goroutine, then Drain (soft stop) or cancel Run's ctx (hard stop).
+// (it awaits JetStream's acks in order and does the transactions' Acks),
+// then BeginTx/Add/EndTx from one producer goroutine, then Drain (soft
+// stop) or cancel Run's ctx (hard stop).
 //
-// onDurable(lsn) is called, in increasing order, once every batch holding
-// keys of transactions ending at or before lsn is acked by JetStream.
+// The Ack given to EndTx is done, in WAL order, once every batch holding
+// keys of its transaction, and of every transaction before it, is acked
+// by JetStream. A transaction's Ack is never done before that, so a
+// position is confirmed only when its keys are durable (invariant I1).
 type Publisher struct {
-	js        jetstream.JetStream
-	cfg       PublisherConfig
-	log       *zap.Logger
-	onDurable func(lsn uint64)
-	queue     chan pending
-	done      chan struct{} // closed when Run has handled the closed queue
-	kick      chan struct{} // a batch started: the linger timer starts
+	js    jetstream.JetStream
+	cfg   PublisherConfig
+	log   *zap.Logger
+	queue chan pending
+	done  chan struct{} // closed when Run has handled the closed queue
+	kick  chan struct{} // a batch started: the linger timer starts
 
-	mu       sync.Mutex // guards cur, seen, started, confirm, part, inTx, txCommit, txTime, closed
+	mu       sync.Mutex // guards cur, seen, started, confirm, acks, part, inTx, txCommit, txTime, closed
 	cur      Batch
 	seen     map[string]struct{}
 	started  time.Time // when cur got its first transaction
 	confirm  uint64    // end LSN of the last whole transaction in cur
+	acks     []Ack     // the Acks of the whole transactions in cur
 	part     int       // parts already published of the open transaction
 	inTx     bool
 	txCommit uint64
@@ -168,16 +183,13 @@ type Publisher struct {
 }
 
 // NewPublisher validates cfg and returns a publisher on js.
-func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger, onDurable func(lsn uint64)) (*Publisher, error) {
+func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger) (*Publisher, error) {
 	cfg.Stream.defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if onDurable == nil {
-		onDurable = func(uint64) {}
-	}
 	return &Publisher{
-		js: js, cfg: cfg, log: log, onDurable: onDurable,
+		js: js, cfg: cfg, log: log,
 		queue: make(chan pending, cfg.MaxInFlight),
 		done:  make(chan struct{}),
 		kick:  make(chan struct{}, 1),
@@ -230,13 +242,18 @@ func (p *Publisher) noteTx() {
 	}
 }
 
-// EndTx closes the open transaction, whose commit record ends at endLSN.
-// A transaction without keys still moves the reported position.
-func (p *Publisher) EndTx(ctx context.Context, endLSN uint64) error {
+// EndTx closes the open transaction, whose commit record ends at endLSN,
+// and takes its Ack (nil: none), done once the transaction's keys are
+// durable. A transaction without keys is acknowledged in its turn too.
+// On an error the Ack is not taken.
+func (p *Publisher) EndTx(ctx context.Context, endLSN uint64, ack Ack) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return ErrClosed
+	}
+	if ack != nil {
+		p.acks = append(p.acks, ack)
 	}
 	if p.cur.Txs == 0 && len(p.cur.Keys) == 0 {
 		p.startBatch()
@@ -278,15 +295,15 @@ func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
 	if !final {
 		b.EndLSN = 0
 	}
-	confirm := p.confirm
+	confirm, acks := p.confirm, p.acks
 	p.cur = Batch{}
-	p.confirm = 0
+	p.confirm, p.acks = 0, nil
 	clear(p.seen)
 	if p.inTx {
 		// The open transaction continues in the next batch.
 		p.noteTx()
 	}
-	item := pending{confirm: confirm, keys: len(b.Keys)}
+	item := pending{confirm: confirm, acks: acks, keys: len(b.Keys)}
 	if len(b.Keys) > 0 {
 		data, err := b.Encode()
 		if err != nil {
@@ -430,12 +447,10 @@ func (p *Publisher) await(ctx context.Context, it pending) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			d := backoff(attempt)
+			d := retry.Delay(attempt)
 			p.log.Warn("republish failed", zap.Error(err), zap.Duration("retry_in", d))
-			select {
-			case <-time.After(d):
-			case <-ctx.Done():
-				return ctx.Err()
+			if err := backoff.Wait(ctx, d); err != nil {
+				return err
 			}
 		}
 	}
@@ -443,7 +458,9 @@ func (p *Publisher) await(ctx context.Context, it pending) error {
 		p.statsMu.Lock()
 		p.stats.DurableLSN = it.confirm
 		p.statsMu.Unlock()
-		p.onDurable(it.confirm)
+	}
+	for _, a := range it.acks {
+		a.Done()
 	}
 	return nil
 }
@@ -456,6 +473,10 @@ func (p *Publisher) Drain(ctx context.Context) error {
 		p.mu.Unlock()
 		return nil
 	}
+	// A transaction cut off by the stop is published with the rest: its
+	// keys are purged once more than needed, and since its Ack never came
+	// it is delivered again after a restart.
+	p.inTx = false
 	err := p.flushIdle(ctx, 0)
 	p.closed = true
 	close(p.queue)
@@ -480,9 +501,6 @@ func (p *Publisher) Stats() PublisherStats {
 	return s
 }
 
-// backoff is exponential from 50ms to 5s with full jitter.
-func backoff(attempt int) time.Duration {
-	d := 50 * time.Millisecond << min(attempt, 7)
-	d = min(d, 5*time.Second)
-	return d/2 + rand.N(d/2+1)
-}
+// retry is the backoff between attempts to publish or consume: 50ms
+// doubling to 5s.
+var retry = backoff.Policy{Min: 50 * time.Millisecond, Max: 5 * time.Second}

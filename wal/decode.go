@@ -42,6 +42,7 @@ type decoder struct {
 	tables   map[string]bool // nil: every table is wanted
 	prefixes []string
 	cnt      *counters
+	acks     *ackTracker
 
 	inTx bool
 	tx   TxInfo
@@ -54,8 +55,8 @@ type decoder struct {
 	old, new []row.Column
 }
 
-func newDecoder(tables []string, prefixes []string, cnt *counters) *decoder {
-	d := &decoder{rels: make(map[uint32]*relation), prefixes: prefixes, cnt: cnt}
+func newDecoder(tables []string, prefixes []string, cnt *counters, acks *ackTracker) *decoder {
+	d := &decoder{rels: make(map[uint32]*relation), prefixes: prefixes, cnt: cnt, acks: acks}
 	if len(tables) > 0 {
 		d.tables = make(map[string]bool, len(tables))
 		for _, t := range tables {
@@ -239,7 +240,9 @@ func (d *decoder) decode(ctx context.Context, h Handler, walStart pglogrepl.LSN,
 		d.tx.EndLSN = end
 		d.tx.CommitTime = ct
 		d.inTx = false
-		if err := h.Commit(ctx, d.tx); err != nil {
+		ack := d.acks.open(end)
+		if err := h.Commit(ctx, d.tx, ack); err != nil {
+			d.acks.abandon(ack.rec)
 			return false, &handlerError{"Commit", walStart, err}
 		}
 		d.cnt.txs.Add(1)
@@ -471,15 +474,30 @@ func (d *decoder) message(ctx context.Context, h Handler, r *reader, serverTime 
 		d.cnt.ignoredMessages.Add(1)
 		return !m.Transactional, nil
 	}
-	tx := d.tx
-	if !m.Transactional {
-		tx = TxInfo{CommitLSN: lsn, EndLSN: lsn, CommitTime: serverTime}
+	if m.Transactional {
+		if err := h.Message(ctx, d.tx, m); err != nil {
+			return false, &handlerError{"Message", lsn, err}
+		}
+		d.cnt.messages.Add(1)
+		return false, nil
+	}
+	// A non-transactional message is delivered as a transaction of its
+	// own at its LSN, so that it is acknowledged like any other.
+	tx := TxInfo{CommitLSN: lsn, CommitTime: serverTime}
+	if err := h.Begin(ctx, tx); err != nil {
+		return false, &handlerError{"Begin", lsn, err}
 	}
 	if err := h.Message(ctx, tx, m); err != nil {
 		return false, &handlerError{"Message", lsn, err}
 	}
+	tx.EndLSN = lsn
+	ack := d.acks.open(lsn)
+	if err := h.Commit(ctx, tx, ack); err != nil {
+		d.acks.abandon(ack.rec)
+		return false, &handlerError{"Commit", lsn, err}
+	}
 	d.cnt.messages.Add(1)
-	if !m.Transactional && lsn > d.lastDispatched {
+	if lsn > d.lastDispatched {
 		d.lastDispatched = lsn
 	}
 	return false, nil

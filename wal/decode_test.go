@@ -118,6 +118,7 @@ type event struct {
 
 // recorder is a Handler that records calls.
 type recorder struct {
+	acks   []*Ack // one per Commit, not done
 	events []event
 	fail   string // method that returns an error
 }
@@ -153,7 +154,8 @@ func (r *recorder) Message(_ context.Context, tx TxInfo, m Message) error {
 	return r.add(event{Op: "Message", Tx: tx, Msg: m})
 }
 
-func (r *recorder) Commit(_ context.Context, tx TxInfo) error {
+func (r *recorder) Commit(_ context.Context, tx TxInfo, ack *Ack) error {
+	r.acks = append(r.acks, ack)
 	return r.add(event{Op: "Commit", Tx: tx})
 }
 
@@ -273,7 +275,9 @@ func TestDecode(t *testing.T) {
 		},
 		skipped: []bool{false, true, false, false, false, false},
 		want: []event{
-			{Op: "Message", Tx: TxInfo{CommitLSN: 0x50, EndLSN: 0x50, CommitTime: t0}, Msg: Message{LSN: 0x50, Prefix: "invalidate", Content: []byte("k1 k2")}},
+			{Op: "Begin", Tx: TxInfo{CommitLSN: 0x50, CommitTime: t0}},
+			{Op: "Message", Tx: TxInfo{CommitLSN: 0x50, CommitTime: t0}, Msg: Message{LSN: 0x50, Prefix: "invalidate", Content: []byte("k1 k2")}},
+			{Op: "Commit", Tx: TxInfo{CommitLSN: 0x50, EndLSN: 0x50, CommitTime: t0}},
 			{Op: "Begin", Tx: tx},
 			{Op: "Message", Tx: tx, Msg: Message{LSN: 0x110, Transactional: true, Prefix: "invalidate", Content: []byte("k3")}},
 			{Op: "Commit", Tx: txEnd},
@@ -289,7 +293,7 @@ func TestDecode(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var cnt counters
-			d := newDecoder(tc.tables, []string{"invalidate"}, &cnt)
+			d := newDecoder(tc.tables, []string{"invalidate"}, &cnt, newAckTracker(func(pglogrepl.LSN) {}))
 			var r recorder
 			for i, m := range tc.msgs {
 				skipped, err := d.decode(context.Background(), &r, pglogrepl.LSN(0x100+i), t0, m)
@@ -347,7 +351,7 @@ func TestDecodeErrors(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var cnt counters
-			d := newDecoder(nil, []string{"invalidate"}, &cnt)
+			d := newDecoder(nil, []string{"invalidate"}, &cnt, newAckTracker(func(pglogrepl.LSN) {}))
 			r := recorder{fail: "Change"}
 			for i, m := range tc.msgs {
 				_, err := d.decode(context.Background(), &r, pglogrepl.LSN(0x100+i), t0, m)
@@ -419,8 +423,12 @@ func TestHandleCopyDataIdleAdvance(t *testing.T) {
 	step(keepalive(0x3000, false)) // delivered, not confirmed: no advance
 	step(xlog(0x3100, encMessage(false, 0x3100, "other", "x")))
 	confirmed(0x1100)
-	s.Confirm(0x2128)
-	s.Confirm(0x2000) // backwards: ignored
+	if len(r.acks) != 1 {
+		t.Fatalf("got %d acks; want 1, the transaction's", len(r.acks))
+	}
+	r.acks[0].Done()  // the transaction is handed off
+	r.acks[0].Done()  // twice: ignored
+	s.confirm(0x2000) // backwards: ignored
 	confirmed(0x2128)
 	step(keepalive(0x3000, false))
 	confirmed(0x3000)
@@ -535,16 +543,17 @@ func (c *seqChecker) Change(_ context.Context, tx TxInfo, ch row.Change) error {
 }
 
 func (c *seqChecker) Message(_ context.Context, tx TxInfo, m Message) error {
-	if m.Transactional && (!c.open || tx != c.tx) {
-		return c.fail("got transactional message outside its transaction")
+	if !c.open || tx != c.tx {
+		return c.fail("got message outside its transaction")
 	}
-	if !m.Transactional && (tx.Xid != 0 || tx.CommitLSN != m.LSN || tx.EndLSN != m.LSN) {
-		return c.fail("got non-transactional message with tx %+v; want Xid 0 and LSNs %s", tx, m.LSN)
+	if !m.Transactional && (tx.Xid != 0 || tx.CommitLSN != m.LSN) {
+		return c.fail("got non-transactional message with tx %+v; want Xid 0 and commit LSN %s", tx, m.LSN)
 	}
 	return nil
 }
 
-func (c *seqChecker) Commit(_ context.Context, tx TxInfo) error {
+func (c *seqChecker) Commit(_ context.Context, tx TxInfo, ack *Ack) error {
+	defer ack.Done()
 	if !c.open || tx.CommitLSN != c.tx.CommitLSN || tx.Xid != c.tx.Xid {
 		return c.fail("got Commit %+v outside its transaction %+v", tx, c.tx)
 	}
@@ -555,16 +564,16 @@ func (c *seqChecker) Commit(_ context.Context, tx TxInfo) error {
 // nopHandler discards everything.
 type nopHandler struct{}
 
-func (nopHandler) Begin(context.Context, TxInfo) error              { return nil }
-func (nopHandler) Change(context.Context, TxInfo, row.Change) error { return nil }
-func (nopHandler) Message(context.Context, TxInfo, Message) error   { return nil }
-func (nopHandler) Commit(context.Context, TxInfo) error             { return nil }
+func (nopHandler) Begin(context.Context, TxInfo) error                { return nil }
+func (nopHandler) Change(context.Context, TxInfo, row.Change) error   { return nil }
+func (nopHandler) Message(context.Context, TxInfo, Message) error     { return nil }
+func (nopHandler) Commit(_ context.Context, _ TxInfo, ack *Ack) error { ack.Done(); return nil }
 
 // BenchmarkDecode measures decoding one row change of a 6-column row, the
 // per-change cost on the tail's hot path.
 func BenchmarkDecode(b *testing.B) {
 	var cnt counters
-	d := newDecoder([]string{"public.posts"}, nil, &cnt)
+	d := newDecoder([]string{"public.posts"}, nil, &cnt, newAckTracker(func(pglogrepl.LSN) {}))
 	rel := encRelation(1, "public", "posts", 'd', col{"id", true}, col{"author_id", false}, col{"title", false},
 		col{"body", false}, col{"created_at", false}, col{"likes", false})
 	ctx := context.Background()

@@ -47,13 +47,21 @@ type Message struct {
 //
 // Lifecycle: Run calls the methods from its own goroutine, one at a time,
 // in WAL order. A transaction is Begin, then any number of Change and
-// Message calls (transactional messages), then Commit with tx.EndLSN set.
-// A non-transactional message comes outside Begin/Commit with tx.Xid 0,
-// CommitLSN and EndLSN equal to m.LSN, and CommitTime the server's send
-// time. After a lost connection, a transaction whose Commit was not
-// delivered is delivered again from its Begin: a Begin can follow a Begin
-// without a Commit in between, and the handler should drop, or keep, what
-// it received of the cut-off transaction (it is committed either way).
+// Message calls (transactional messages), then Commit with tx.EndLSN set
+// and the transaction's acknowledgement. A non-transactional message is
+// delivered as a transaction of its own: Begin, Message, Commit, with
+// tx.Xid 0, CommitLSN and EndLSN equal to m.LSN, and CommitTime the
+// server's send time. After a lost connection, a transaction whose Commit
+// was not delivered is delivered again from its Begin: a Begin can follow
+// a Begin without a Commit in between, and the handler should drop, or
+// keep, what it received of the cut-off transaction (it is committed
+// either way).
+//
+// Commit passes ownership of ack: the handler calls ack.Done once the
+// transaction is durably handed off (now or later, from any goroutine),
+// or hands parts of it on with ack.Split. Nothing else moves the slot past
+// a transaction. If Commit returns an error, the ack is void: the
+// transaction is delivered again (ErrRetry) or Run stops.
 //
 // A Change's Old and New slices, and a Message's Content, are reused after
 // the call returns: copy what must outlive the call (the strings inside
@@ -67,7 +75,7 @@ type Handler interface {
 	Begin(ctx context.Context, tx TxInfo) error
 	Change(ctx context.Context, tx TxInfo, c row.Change) error
 	Message(ctx context.Context, tx TxInfo, m Message) error
-	Commit(ctx context.Context, tx TxInfo) error
+	Commit(ctx context.Context, tx TxInfo, ack *Ack) error
 }
 
 // State is what Run is doing.
@@ -122,6 +130,7 @@ type Stats struct {
 	DecodeLag time.Duration
 
 	Txs             uint64 // transactions delivered (Commit calls that returned nil)
+	Unacked         int    // transactions delivered whose Ack is not done yet
 	Changes         uint64 // row changes delivered
 	Messages        uint64 // logical messages delivered
 	IgnoredMessages uint64 // logical messages whose prefix is not configured
@@ -135,7 +144,10 @@ type Stream struct {
 	cfg Config
 	log *zap.Logger
 
-	running   atomic.Bool
+	runMu     sync.Mutex // held by Run while it runs
+	stopOnce  sync.Once
+	stopc     chan struct{} // closed by Drain: Run stops reading
+	acks      *ackTracker
 	confirmed atomic.Uint64 // pglogrepl.LSN; only grows
 	received  atomic.Uint64
 	walEnd    atomic.Uint64
@@ -162,16 +174,19 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 		log = zap.NewNop()
 	}
 	s := &Stream{cfg: cfg, log: log.Named("wal")}
-	s.dec = newDecoder(cfg.Tables, cfg.MessagePrefixes, &s.cnt)
+	s.stopc = make(chan struct{})
+	s.acks = newAckTracker(s.confirm)
+	s.dec = newDecoder(cfg.Tables, cfg.MessagePrefixes, &s.cnt, s.acks)
 	return s, nil
 }
 
-// Confirm reports that everything up to lsn (a transaction's EndLSN, or a
-// non-transactional message's LSN) is durably handed off. Run sends it to
-// the server as the flushed position with the next status update. It is
-// safe from any goroutine, and a position lower than one already
-// confirmed is ignored.
-func (s *Stream) Confirm(lsn pglogrepl.LSN) {
+// confirm records that everything up to lsn is durably handed off (a
+// transaction whose every Ack part is done, a keepalive or a filtered
+// message while nothing is in flight, the slot's own position). Run sends
+// it to the server as the flushed position with the next status update.
+// A position lower than one already confirmed is ignored. It is the only
+// way a position reaches the slot.
+func (s *Stream) confirm(lsn pglogrepl.LSN) {
 	atomicMax(&s.confirmed, uint64(lsn))
 }
 
@@ -197,6 +212,7 @@ func (s *Stream) Stats() Stats {
 		SkippedChanges:  s.cnt.skippedChanges.Load(),
 		DecodeErrors:    s.cnt.decodeErrors.Load(),
 		Reconnects:      s.reconnect.Load(),
+		Unacked:         s.acks.pending(),
 	}
 	if st.ServerWALEnd > st.ConfirmedLSN {
 		st.LagBytes = uint64(st.ServerWALEnd - st.ConfirmedLSN)
@@ -220,10 +236,19 @@ func (s *Stream) setState(st State) {
 // every StandbyRetry (hot standby). Run may be called again after it
 // returns; it resumes after the last transaction h accepted.
 func (s *Stream) Run(ctx context.Context, h Handler) error {
-	if !s.running.CompareAndSwap(false, true) {
+	if !s.runMu.TryLock() {
 		return ErrRunning
 	}
-	defer s.running.Store(false)
+	defer s.runMu.Unlock()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { // ends with Run: cancel above
+		select {
+		case <-s.stopc:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	defer s.setState(StateStopped)
 
 	backoff := s.cfg.ReconnectMin
@@ -331,18 +356,32 @@ func classify(doing string, err error) error {
 		return err
 	}
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch c := pgErr.Code; {
-		case c == "55006": // object_in_use
-			return fmt.Errorf("%w: %s: %w", ErrSlotInUse, doing, err)
-		case len(c) == 5 && (c[:2] == "08" || c[:2] == "53" || c[:3] == "57P"):
-			// connection exception, insufficient resources, operator
-			// intervention (shutdown, crash, not yet accepting connections)
-			return fmt.Errorf("%w: %s: %w", ErrConnLost, doing, err)
-		}
-		return fmt.Errorf("wal: %s: %w", doing, err)
+	if errors.As(err, &pgErr) && pgErr.Code == "55006" { // object_in_use
+		return fmt.Errorf("%w: %s: %w", ErrSlotInUse, doing, err)
 	}
-	return fmt.Errorf("%w: %s: %w", ErrConnLost, doing, err)
+	if pgErr == nil || GoingAway(err) { // no server reply, or the server is going away
+		return fmt.Errorf("%w: %s: %w", ErrConnLost, doing, err)
+	}
+	return fmt.Errorf("wal: %s: %w", doing, err)
+}
+
+// GoingAway reports whether err means the Postgres server is shutting
+// down, restarting, out of resources or unreachable, rather than a
+// problem with the request: no server reply at all (a connection
+// failure), or SQLSTATE class 08 (connection exception), 53
+// (insufficient resources) or 57P (operator intervention: shutdown,
+// crash, not yet accepting connections). A cancelled ctx is not. It is
+// the one definition that every package retrying against Postgres uses.
+func GoingAway(err error) bool {
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		c := pgErr.Code
+		return len(c) == 5 && (c[:2] == "08" || c[:2] == "53" || c[:3] == "57P")
+	}
+	return true
 }
 
 // session runs one connection: connect, check the slot, start
@@ -444,7 +483,7 @@ func (s *Stream) checkSlot(ctx context.Context, conn *pgconn.PgConn) error {
 	}
 	if row[4] != nil {
 		if lsn, err := pglogrepl.ParseLSN(string(row[4])); err == nil {
-			s.Confirm(lsn)
+			s.confirm(lsn)
 		}
 	}
 	return nil
@@ -524,7 +563,7 @@ func (s *Stream) handleCopyData(ctx context.Context, h Handler, data []byte, rep
 		if s.idle() {
 			// Invariant I5: nothing in flight, and everything before the
 			// server's position was decoded and delivered, or not published.
-			s.Confirm(ka.ServerWALEnd)
+			s.confirm(ka.ServerWALEnd)
 			s.mu.Lock()
 			s.decodeLag = 0
 			s.mu.Unlock()
@@ -565,7 +604,7 @@ func (s *Stream) handleCopyData(ctx context.Context, h Handler, data []byte, rep
 			s.mu.Unlock()
 		}
 		if skipped && s.idle() {
-			s.Confirm(xld.WALStart)
+			s.confirm(xld.WALStart)
 		}
 		return xld.WALStart, nil
 	}
@@ -577,7 +616,7 @@ func (s *Stream) handleCopyData(ctx context.Context, h Handler, data []byte, rep
 // idle reports that no transaction is open and everything delivered has
 // been confirmed.
 func (s *Stream) idle() bool {
-	return !s.dec.inTx && s.dec.lastDispatched <= pglogrepl.LSN(s.confirmed.Load())
+	return !s.dec.inTx && s.acks.pending() == 0
 }
 
 // feedback sends a status update every StatusInterval and when the server

@@ -139,7 +139,7 @@ func (r *running) stop(t *testing.T) {
 type collector struct {
 	mu      sync.Mutex // guards rec
 	rec     recorder
-	confirm atomic.Pointer[Stream]
+	autoAck atomic.Bool // every Commit's ack is done at once
 }
 
 func (c *collector) Begin(ctx context.Context, tx TxInfo) error {
@@ -156,22 +156,27 @@ func (c *collector) Change(ctx context.Context, tx TxInfo, ch row.Change) error 
 
 func (c *collector) Message(ctx context.Context, tx TxInfo, m Message) error {
 	c.mu.Lock()
-	err := c.rec.Message(ctx, tx, m)
+	defer c.mu.Unlock()
+	return c.rec.Message(ctx, tx, m)
+}
+
+func (c *collector) Commit(ctx context.Context, tx TxInfo, ack *Ack) error {
+	c.mu.Lock()
+	err := c.rec.Commit(ctx, tx, ack)
 	c.mu.Unlock()
-	if s := c.confirm.Load(); s != nil && !m.Transactional {
-		s.Confirm(m.LSN)
+	if err == nil && c.autoAck.Load() {
+		ack.Done()
 	}
 	return err
 }
 
-func (c *collector) Commit(ctx context.Context, tx TxInfo) error {
+// ackUpTo does the acks of the first n Commits.
+func (c *collector) ackUpTo(n int) {
 	c.mu.Lock()
-	err := c.rec.Commit(ctx, tx)
-	c.mu.Unlock()
-	if s := c.confirm.Load(); s != nil {
-		s.Confirm(tx.EndLSN)
+	defer c.mu.Unlock()
+	for _, a := range c.rec.acks[:n] {
+		a.Done()
 	}
-	return err
 }
 
 func (c *collector) events() []event {
@@ -310,14 +315,16 @@ func (pg *pgEnv) testDecode(t *testing.T) {
 		}
 	}
 
-	// Non-transactional messages come alone, with their own position.
+	// Non-transactional messages come as a transaction of their own, at
+	// their own position.
 	before := len(c.events())
 	pg.exec(t, "SELECT pg_logical_emit_message(false, 'ignored', 'x'); SELECT pg_logical_emit_message(false, 'invalidate', 'k9')")
-	waitFor(t, "the non-transactional message", func() bool { return len(c.events()) > before })
+	waitFor(t, "the non-transactional message", func() bool { return len(c.events()) >= before+3 })
 	evs := c.events()[before:]
-	if len(evs) != 1 || evs[0].Op != "Message" || evs[0].Msg.Transactional || string(evs[0].Msg.Content) != "k9" ||
-		evs[0].Tx.Xid != 0 || evs[0].Tx.CommitLSN != evs[0].Msg.LSN || evs[0].Tx.EndLSN != evs[0].Msg.LSN {
-		t.Errorf("got %s; want one non-transactional message k9 with Xid 0 and CommitLSN = EndLSN = its LSN", fmtEvents(evs))
+	if len(evs) != 3 || evs[0].Op != "Begin" || evs[1].Op != "Message" || evs[2].Op != "Commit" ||
+		evs[1].Msg.Transactional || string(evs[1].Msg.Content) != "k9" ||
+		evs[1].Tx.Xid != 0 || evs[1].Tx.CommitLSN != evs[1].Msg.LSN || evs[2].Tx.EndLSN != evs[1].Msg.LSN {
+		t.Errorf("got %s; want Begin, the non-transactional message k9 with Xid 0 and CommitLSN its LSN, and Commit with EndLSN its LSN", fmtEvents(evs))
 	}
 	if st := s.Stats(); st.State != StateStreaming || st.Txs != uint64(len(steps)) || st.Messages != 2 || st.IgnoredMessages != 2 || st.DecodeErrors != 0 {
 		t.Errorf("got stats %+v; want streaming, %d txs, 2 messages, 2 ignored, no decode errors", st, len(steps))
@@ -380,13 +387,13 @@ func (pg *pgEnv) testConfirmAndIdleAdvance(t *testing.T) {
 	flush := pg.lsn(t, "SELECT pg_current_wal_flush_lsn()::text")
 	waitFor(t, "a keepalive past the unpublished insert", func() bool { return s.Stats().ServerWALEnd >= flush })
 	if got := s.Stats().ConfirmedLSN; got >= tx.EndLSN {
-		t.Fatalf("got confirmed %s before Confirm; want below the transaction's end %s", got, tx.EndLSN)
+		t.Fatalf("got confirmed %s before its ack; want below the transaction's end %s", got, tx.EndLSN)
 	}
 	if got := pg.slot(t, "conf").ConfirmedFlush; got >= tx.EndLSN {
-		t.Fatalf("got slot confirmed_flush_lsn %s before Confirm; want below %s", got, tx.EndLSN)
+		t.Fatalf("got slot confirmed_flush_lsn %s before its ack; want below %s", got, tx.EndLSN)
 	}
 
-	s.Confirm(tx.EndLSN)
+	c.ackUpTo(1)
 	waitFor(t, "the slot's confirmed_flush_lsn to reach the confirmed end", func() bool {
 		return pg.slot(t, "conf").ConfirmedFlush >= tx.EndLSN
 	})
@@ -419,7 +426,7 @@ func (pg *pgEnv) testRestartResumes(t *testing.T) {
 		pg.exec(t, "INSERT INTO res_a VALUES ($1)", i)
 	}
 	waitFor(t, "the first two transactions", func() bool { return len(commits(c1.events())) == 2 })
-	s1.Confirm(commits(c1.events())[1].EndLSN)
+	c1.ackUpTo(2)
 	for i := 3; i <= 4; i++ { // delivered, never confirmed
 		pg.exec(t, "INSERT INTO res_a VALUES ($1)", i)
 	}
@@ -446,13 +453,13 @@ func (pg *pgEnv) testStandby(t *testing.T) {
 	cfg := pg.testConfig("sb", "public.sb_a")
 	s1 := newStream(t, cfg, true)
 	var c1 collector
-	c1.confirm.Store(s1)
+	c1.autoAck.Store(true)
 	r1 := start(t, s1, &c1)
 	waitFor(t, "the first stream to stream", func() bool { return s1.Stats().State == StateStreaming })
 
 	s2 := newStream(t, cfg, true) // Setup is idempotent
 	var c2 collector
-	c2.confirm.Store(s2)
+	c2.autoAck.Store(true)
 	start(t, s2, &c2)
 	waitFor(t, "the second stream to wait as standby", func() bool { return s2.Stats().State == StateStandby })
 
@@ -634,9 +641,9 @@ func (h *heapWatcher) Change(_ context.Context, _ TxInfo, c row.Change) error {
 
 func (h *heapWatcher) Message(context.Context, TxInfo, Message) error { return nil }
 
-func (h *heapWatcher) Commit(_ context.Context, tx TxInfo) error {
+func (h *heapWatcher) Commit(_ context.Context, tx TxInfo, ack *Ack) error {
 	h.sample()
-	h.s.Confirm(tx.EndLSN)
+	ack.Done()
 	h.done <- tx
 	return nil
 }
@@ -673,7 +680,7 @@ func (pg *pgEnv) testPrimaryKill(t *testing.T) {
 	pg.exec(t, "CREATE TABLE kill_a (id int PRIMARY KEY)")
 	s := newStream(t, pg.testConfig("kill", "public.kill_a"), true)
 	var c collector
-	c.confirm.Store(s)
+	c.autoAck.Store(true)
 	start(t, s, &c)
 	waitFor(t, "streaming", func() bool { return s.Stats().State == StateStreaming })
 
@@ -730,12 +737,12 @@ type blockingHandler struct {
 	once    sync.Once
 }
 
-func (h *blockingHandler) Commit(ctx context.Context, tx TxInfo) error {
+func (h *blockingHandler) Commit(ctx context.Context, tx TxInfo, ack *Ack) error {
 	h.once.Do(func() {
 		close(h.blocked)
 		<-h.release
 	})
-	return h.collector.Commit(ctx, tx)
+	return h.collector.Commit(ctx, tx, ack)
 }
 
 // retryingHandler fails its first two Begins with ErrRetry.
@@ -758,7 +765,7 @@ func (pg *pgEnv) testHandlerRetry(t *testing.T) {
 	pg.exec(t, "CREATE TABLE retry_a (id int PRIMARY KEY)")
 	s := newStream(t, pg.testConfig("retry", "public.retry_a"), true)
 	h := &retryingHandler{}
-	h.confirm.Store(s)
+	h.autoAck.Store(true)
 	r := start(t, s, h)
 	pg.exec(t, "INSERT INTO retry_a VALUES (1)")
 	waitFor(t, "the insert, after two retries", func() bool { return len(insertedIDs(h.events())) >= 1 })
@@ -785,7 +792,7 @@ func (pg *pgEnv) testSlowHandler(t *testing.T) {
 	pg.exec(t, "CREATE TABLE slow_a (id int PRIMARY KEY)")
 	s := newStream(t, pg.testConfig("slow", "public.slow_a"), true)
 	h := &blockingHandler{blocked: make(chan struct{}), release: make(chan struct{})}
-	h.confirm.Store(s)
+	h.autoAck.Store(true)
 	start(t, s, h)
 	pg.exec(t, "INSERT INTO slow_a VALUES (1)")
 	<-h.blocked

@@ -13,6 +13,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/pgcache/pgcache/batcher"
+	"github.com/pgcache/pgcache/counterstore"
 
 	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/keys"
@@ -262,7 +263,7 @@ func (c *Config) Validate() (*keys.Set, error) {
 		if err := bc.Validate(); err != nil {
 			bad("batcher: %v", err)
 		}
-		pc := batcher.PGConfig{DSN: "postgres://x@localhost/x", Table: c.Batcher.Table, CheckpointTable: c.Batcher.CheckpointTable}
+		pc := counterstore.Config{DSN: "postgres://x@localhost/x", Table: c.Batcher.Table, CheckpointTable: c.Batcher.CheckpointTable}
 		if err := pc.Validate(); err != nil {
 			bad("batcher: %v", err)
 		}

@@ -11,8 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -22,8 +20,10 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/pgcache/pgcache/batcher"
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/counters"
+	"github.com/pgcache/pgcache/counterstore"
 	"github.com/pgcache/pgcache/keys"
 	"github.com/pgcache/pgcache/sdnotify"
 	"github.com/pgcache/pgcache/tail"
@@ -40,9 +40,9 @@ type daemon struct {
 	notify  *sdnotify.Notifier // systemd; a no-op outside it
 	reloads *reloadMetrics
 
-	mu    sync.Mutex    // guards rules and tail
-	rules *keys.Set     // replaced by Reload
-	tail  *tail.Handler // set once the tail role runs
+	mu    sync.Mutex // guards rules and tail
+	rules *keys.Set  // replaced by Reload
+	tail  *tail.Role // set once the tail role runs
 
 	ready atomic.Bool
 }
@@ -205,137 +205,64 @@ func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
 	return srv, nil
 }
 
-// runTail holds the slot (or waits as a hot standby), publishes, and
-// confirms LSNs that JetStream has acked.
+// runTail runs the tail role: it holds the slot (or waits as a hot
+// standby), publishes keys and flushes counter deltas; wal confirms what
+// is durable. On soft stop the role drains; on hard stop it stops at once.
 func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetstream.JetStream) error {
-	log := d.log.Named("tail")
-	wc := wal.DefaultConfig()
-	wc.DSN = d.cfg.Postgres.DSN
-	wc.Slot = d.cfg.Postgres.Slot
-	wc.Publication = d.cfg.Postgres.Publication
 	rules := d.currentRules()
-	wc.Tables = tailTables(d.cfg, rules)
-	wc.MessagePrefixes = nil
-	if d.cfg.Messages.Prefix != "" {
-		wc.MessagePrefixes = []string{d.cfg.Messages.Prefix}
-	}
-	if d.cfg.counters.Len() > 0 {
-		wc.MessagePrefixes = append(wc.MessagePrefixes, counters.RepairPrefix)
-	}
-	stream, err := wal.New(wc, log.Named("wal"))
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrConfig, err)
-	}
 	sctx, cancel := context.WithTimeout(hard, 30*time.Second)
 	defer cancel()
 	if err := Verify(sctx, d.cfg, rules); err != nil {
 		return err
 	}
-	if err := stream.Setup(sctx); err != nil {
-		return fmt.Errorf("set up slot and publication: %w", err)
-	}
-	if _, err := bus.EnsureStream(sctx, js, bus.StreamConfig{Name: d.cfg.NATS.Stream, Placement: d.cfg.NATS.Placement}); err != nil {
-		return err
-	}
-	// With counters, the slot is confirmed up to the minimum of what
-	// JetStream acked and what the batcher committed.
-	onDurable := func(lsn uint64) { stream.Confirm(pglogrepl.LSN(lsn)) }
-	var ctr *counterRun
-	if d.cfg.counters.Len() > 0 {
-		ctr, err = d.setupCounters(sctx, stream)
-		if err != nil {
-			return err
-		}
-		onDurable = ctr.conf.busDurable
-	}
-	pcfg := bus.DefaultPublisherConfig()
-	pcfg.Origin = d.cfg.DC
-	pcfg.Stream.Name = d.cfg.NATS.Stream
-	pub, err := bus.NewPublisher(js, pcfg, log.Named("bus"), onDurable)
+	role, err := tail.New(d.tailConfig(rules), rules, js, d.reg, d.log.Named("tail"))
 	if err != nil {
-		if ctr != nil {
-			ctr.pg.Close()
-		}
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
-	d.registerTail(stream, pub)
-	th := tail.NewHandler(rules, pub, tail.NewMetrics(d.reg), log)
 	d.mu.Lock()
-	d.tail = th
+	d.tail = role
 	if d.rules != rules { // a reload came in meanwhile
-		th.SetRules(d.rules)
+		role.SetRules(d.rules)
 	}
 	d.mu.Unlock()
-	var h wal.Handler = th
-	if ctr != nil {
-		h = fanout{tail: th, ctr: &counterHandler{set: ctr.set, b: ctr.b, m: ctr.m, log: log.Named("counters"), wait: handlerWait}}
-		d.startCounters(soft, hard, g, js, ctr, stream)
-	}
-	g.Go(func() error { return pub.Run(hard) })
+	g.Go(func() error { return role.Run(hard) })
 	g.Go(func() error {
-		// Reading stops on soft stop; then every batch is published
-		// and acked, every counter delta flushed, and the last LSN
-		// confirmed to Postgres.
-		var err error
-		if ctr != nil {
-			err = ctr.runStream(soft, stream, h, log)
-		} else {
-			err = stream.Run(soft, h)
-		}
-		if err != nil && !errors.Is(err, context.Canceled) {
-			return fmt.Errorf("wal: %w", err)
-		}
-		if derr := pub.Drain(hard); derr != nil {
-			return derr
-		}
-		if ctr != nil {
-			if derr := ctr.b.Drain(hard); derr != nil {
-				return fmt.Errorf("counters: %w", derr)
-			}
-		}
-		return d.confirmFinal(hard, stream)
+		<-soft.Done()
+		return role.Drain(hard)
 	})
-	return nil
-}
-
-// confirmFinal moves the slot to the last LSN JetStream acked after the
-// drain. The stream has stopped, so the slot is advanced with SQL; a
-// failure only means those transactions are published again on restart.
-func (d *daemon) confirmFinal(ctx context.Context, s *wal.Stream) error {
-	lsn := s.Stats().ConfirmedLSN
-	if lsn == 0 {
+	select { // set up, or failed
+	case <-role.Ready():
 		return nil
+	case <-hard.Done():
+		return nil
+	case <-sctx.Done():
+		return fmt.Errorf("tail: not set up within 30s: %w", sctx.Err())
 	}
-	var err error
-	for attempt := 0; attempt < 50; attempt++ {
-		err = advanceSlot(ctx, d.cfg.Postgres.DSN, d.cfg.Postgres.Slot, lsn)
-		if err == nil {
-			d.log.Info("drained; slot confirmed", zap.String("lsn", lsn.String()))
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-time.After(100 * time.Millisecond): // the walsender may still hold the slot for a moment
-		}
-	}
-	d.log.Warn("could not confirm the last LSN after the drain; it will be published again", zap.Error(err))
-	return nil
 }
 
-func advanceSlot(ctx context.Context, dsn, slot string, lsn pglogrepl.LSN) error {
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(cctx, dsn)
-	if err != nil {
-		return fmt.Errorf("connect: %w", err)
+// tailConfig turns the config file into the tail role's Config.
+func (d *daemon) tailConfig(rules *keys.Set) tail.Config {
+	c := d.cfg
+	tc := tail.Config{WAL: wal.DefaultConfig(), Publisher: bus.DefaultPublisherConfig(), Counters: c.counters}
+	tc.WAL.DSN, tc.WAL.Slot, tc.WAL.Publication = c.Postgres.DSN, c.Postgres.Slot, c.Postgres.Publication
+	tc.WAL.Tables = tailTables(c, rules)
+	tc.WAL.MessagePrefixes = nil
+	if c.Messages.Prefix != "" {
+		tc.WAL.MessagePrefixes = []string{c.Messages.Prefix}
 	}
-	defer conn.Close(context.Background())
-	// Never move backwards: the slot may already be past lsn.
-	_, err = conn.Exec(cctx, `SELECT pg_replication_slot_advance($1, $2::pg_lsn)
-		FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn`, slot, lsn.String())
-	if err != nil {
-		return fmt.Errorf("advance slot: %w", err)
+	if c.counters.Len() > 0 {
+		tc.WAL.MessagePrefixes = append(tc.WAL.MessagePrefixes, counters.RepairPrefix)
 	}
-	return nil
+	tc.Publisher.Origin = c.DC
+	tc.Publisher.Stream.Name, tc.Publisher.Stream.Placement = c.NATS.Stream, c.NATS.Placement
+	tc.Batcher = batcher.Config{MaxPending: c.Batcher.MaxPending, Interval: c.Batcher.Interval}
+	tc.Store = d.storeConfig()
+	tc.Increments = bus.StreamConfig{Name: c.Increments.Stream, Placement: c.Increments.Placement}
+	return tc
+}
+
+// storeConfig is the counter store's Config.
+func (d *daemon) storeConfig() counterstore.Config {
+	return counterstore.Config{DSN: d.cfg.Postgres.DSN, Table: d.cfg.Batcher.Table,
+		CheckpointTable: d.cfg.Batcher.CheckpointTable, MessagePrefix: d.cfg.Messages.Prefix}
 }

@@ -1,4 +1,4 @@
-package batcher
+package counterstore
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/pgcache/pgcache/batcher"
 )
 
 // lagProbe measures, for a sample of inputs, the time from Add to the
@@ -31,7 +32,7 @@ func (l *lagProbe) sent(pos uint64) {
 	l.mu.Unlock()
 }
 
-func (l *lagProbe) durable(_ string, p Pos) {
+func (l *lagProbe) durable(_ string, p batcher.Pos) {
 	now := time.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -55,9 +56,9 @@ func (l *lagProbe) p99() time.Duration {
 
 // absorb feeds n deltas over groups hot groups through a batcher on pg,
 // paced to rate events/s (0: as fast as Add takes them), and drains.
-func absorb(tb testing.TB, ctx context.Context, pg *PG, source string, n, groups int, rate float64) (elapsed time.Duration, lag *lagProbe, st Stats) {
+func absorb(tb testing.TB, ctx context.Context, pg *Store, source string, n, groups int, rate float64) (elapsed time.Duration, lag *lagProbe, st batcher.Stats) {
 	lag = &lagProbe{}
-	b, err := New(Config{MaxPending: 10000, Interval: 100 * time.Millisecond}, pg, nil, lag.durable)
+	b, err := batcher.New(batcher.Config{MaxPending: 10000, Interval: 100 * time.Millisecond}, pg, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -69,9 +70,9 @@ func absorb(tb testing.TB, ctx context.Context, pg *PG, source string, n, groups
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- b.Run(rctx) }()
-	keys := make([]Delta, groups)
+	keys := make([]batcher.Delta, groups)
 	for g := range keys {
-		keys[g] = Delta{Counter: "bench", Group: fmt.Sprintf(`["%d"]`, g), Key: fmt.Sprintf("bench:%d", g), N: 1}
+		keys[g] = batcher.Delta{Counter: "bench", Group: fmt.Sprintf(`["%d"]`, g), Key: fmt.Sprintf("bench:%d", g), N: 1}
 	}
 	start := time.Now()
 	for i := 0; i < n; i++ {
@@ -81,10 +82,12 @@ func absorb(tb testing.TB, ctx context.Context, pg *PG, source string, n, groups
 			}
 		}
 		pos := from + uint64(i) + 1
+		in := batcher.Input{Source: source, Pos: batcher.Pos{Major: pos, Minor: 0}, Deltas: keys[i%groups : i%groups+1]}
 		if i%100 == 0 {
 			lag.sent(pos)
+			in.Ack = ackFunc(func() { lag.durable(source, batcher.Pos{Major: pos, Minor: 0}) })
 		}
-		if _, err := b.Add(ctx, Input{Source: source, Pos: Pos{pos, 0}, Deltas: keys[i%groups : i%groups+1]}); err != nil {
+		if _, err := b.Add(ctx, in); err != nil {
 			tb.Fatal(err)
 		}
 	}
@@ -182,3 +185,8 @@ func BenchmarkVersusNaive(b *testing.B) {
 	b.Logf("N=%d: naive %d statements in %s; batched %d statements in %d flushes over %s (paced); stored total %d",
 		b.N, b.N, naiveElapsed.Round(time.Millisecond), stmts, st.Flushes, elapsed.Round(time.Millisecond), batched)
 }
+
+// ackFunc is a batcher.Ack that calls itself.
+type ackFunc func()
+
+func (f ackFunc) Done() { f() }

@@ -1,4 +1,11 @@
-package batcher
+// Package counterstore keeps denormalized counters in Postgres: the
+// tables (DDL), the batcher's Flusher (one transaction per batch: the
+// upsert of every group, the checkpoints, and a logical message with the
+// changed counters' keys so that every datacenter invalidates them), the
+// checkpoints' Load, and the recount behind `invalidator repair` and a
+// counter's first start. It leaves aggregation to batcher and counter
+// rules to counters.
+package counterstore
 
 import (
 	"context"
@@ -10,10 +17,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/pgcache/pgcache/batcher"
 )
 
-// PGConfig says where the counters live.
-type PGConfig struct {
+// Config says where the counters live.
+type Config struct {
 	// DSN of the primary.
 	DSN string
 	// Table is the counters table; "" means pgcache_counters. An optional
@@ -31,7 +39,7 @@ type PGConfig struct {
 	Timeout time.Duration
 }
 
-// Defaults of PGConfig.
+// Defaults of Config.
 const (
 	DefaultTable           = "pgcache_counters"
 	DefaultCheckpointTable = "pgcache_counter_checkpoints"
@@ -39,7 +47,7 @@ const (
 
 var identRE = regexp.MustCompile(`^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$`)
 
-func (c PGConfig) withDefaults() PGConfig {
+func (c Config) withDefaults() Config {
 	if c.Table == "" {
 		c.Table = DefaultTable
 	}
@@ -53,70 +61,70 @@ func (c PGConfig) withDefaults() PGConfig {
 }
 
 // Validate checks c with zero fields taken as defaults.
-func (c PGConfig) Validate() error {
+func (c Config) Validate() error {
 	c = c.withDefaults()
 	if c.DSN == "" {
-		return errors.New("batcher: config: DSN is empty")
+		return errors.New("counterstore: config: DSN is empty")
 	}
 	if _, err := pgx.ParseConfig(c.DSN); err != nil {
-		return fmt.Errorf("batcher: config: DSN: %w", err)
+		return fmt.Errorf("counterstore: config: DSN: %w", err)
 	}
 	for _, t := range []string{c.Table, c.CheckpointTable} {
 		if !identRE.MatchString(t) {
-			return fmt.Errorf("batcher: config: table name %q: want [schema.]name in lower-case letters, digits and underscores", t)
+			return fmt.Errorf("counterstore: config: table name %q: want [schema.]name in lower-case letters, digits and underscores", t)
 		}
 	}
 	if c.Table == c.CheckpointTable {
-		return errors.New("batcher: config: Table and CheckpointTable are the same")
+		return errors.New("counterstore: config: Table and CheckpointTable are the same")
 	}
 	if strings.IndexByte(c.MessagePrefix, 0) >= 0 {
-		return errors.New("batcher: config: MessagePrefix holds NUL")
+		return errors.New("counterstore: config: MessagePrefix holds NUL")
 	}
 	if c.Timeout < 0 {
-		return errors.New("batcher: config: Timeout is negative")
+		return errors.New("counterstore: config: Timeout is negative")
 	}
 	return nil
 }
 
 // PG is the Postgres Flusher. Flush and Load are called from one goroutine
 // at a time.
-type PG struct {
-	cfg PGConfig
+type Store struct {
+	cfg Config
 
 	mu    sync.Mutex // guards conn, stats
 	conn  *pgx.Conn
-	stats PGStats
+	stats StoreStats
 }
 
-// PGStats counts what PG sent, for benchmarks.
-type PGStats struct {
+// StoreStats counts what PG sent, for benchmarks.
+type StoreStats struct {
 	Transactions uint64 // flush transactions committed
 	Statements   uint64 // SQL statements sent (BEGIN and COMMIT included)
 }
 
-// NewPG validates cfg. It connects lazily.
-func NewPG(cfg PGConfig) (*PG, error) {
+// New validates cfg. It connects lazily.
+func New(cfg Config) (*Store, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &PG{cfg: cfg.withDefaults()}, nil
+	return &Store{cfg: cfg.withDefaults()}, nil
 }
 
 // Stats returns what was sent so far.
-func (p *PG) Stats() PGStats {
+func (p *Store) Stats() StoreStats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.stats
 }
 
 // Close closes the connection.
-func (p *PG) Close() {
+func (p *Store) Close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.drop()
 }
 
-func (p *PG) drop() {
+func (p *Store) drop() {
 	if p.conn != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		_ = p.conn.Close(ctx)
@@ -125,7 +133,7 @@ func (p *PG) drop() {
 	}
 }
 
-func (p *PG) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+func (p *Store) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {
 		return context.WithCancel(ctx)
 	}
@@ -133,7 +141,7 @@ func (p *PG) withTimeout(ctx context.Context) (context.Context, context.CancelFu
 }
 
 // connLocked returns the connection, connecting if needed; p.mu is held.
-func (p *PG) connLocked(ctx context.Context) (*pgx.Conn, error) {
+func (p *Store) connLocked(ctx context.Context) (*pgx.Conn, error) {
 	if p.conn != nil && !p.conn.IsClosed() {
 		return p.conn, nil
 	}
@@ -154,7 +162,7 @@ func (p *PG) connLocked(ctx context.Context) (*pgx.Conn, error) {
 }
 
 // Schema is the DDL that EnsureSchema runs (with the configured names).
-func (p *PG) Schema() string {
+func (p *Store) Schema() string {
 	t, c := p.cfg.Table, p.cfg.CheckpointTable
 	idx := strings.ReplaceAll(t, ".", "_") + "_key"
 	if i := strings.IndexByte(t, '.'); i >= 0 {
@@ -176,7 +184,7 @@ CREATE TABLE IF NOT EXISTS ` + c + ` (
 
 // EnsureSchema creates the tables if missing. Concurrent callers are
 // serialized with an advisory lock.
-func (p *PG) EnsureSchema(ctx context.Context) error {
+func (p *Store) EnsureSchema(ctx context.Context) error {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
 	p.mu.Lock()
@@ -205,7 +213,7 @@ func (p *PG) EnsureSchema(ctx context.Context) error {
 
 // Load implements Flusher. It also creates the missing checkpoint rows at
 // zero, so that two writers starting at once conflict on the row lock.
-func (p *PG) Load(ctx context.Context, sources []string) (map[string]Pos, error) {
+func (p *Store) Load(ctx context.Context, sources []string) (map[string]batcher.Pos, error) {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
 	p.mu.Lock()
@@ -226,7 +234,7 @@ func (p *PG) Load(ctx context.Context, sources []string) (map[string]Pos, error)
 		p.drop()
 		return nil, err
 	}
-	out := map[string]Pos{}
+	out := map[string]batcher.Pos{}
 	for rows.Next() {
 		var src string
 		var pos, sub int64
@@ -234,7 +242,7 @@ func (p *PG) Load(ctx context.Context, sources []string) (map[string]Pos, error)
 			rows.Close()
 			return nil, err
 		}
-		out[src] = Pos{uint64(pos), uint64(sub)}
+		out[src] = batcher.Pos{Major: uint64(pos), Minor: uint64(sub)}
 	}
 	if err := rows.Err(); err != nil {
 		p.drop()
@@ -251,7 +259,7 @@ func (p *PG) Load(ctx context.Context, sources []string) (map[string]Pos, error)
 // reset counters, upserts the groups (n = n + delta, or n = value for a
 // set), stores the checkpoints and, with a MessagePrefix, emits the
 // changed groups' keys, then commits.
-func (p *PG) Flush(ctx context.Context, b *Batch) error {
+func (p *Store) Flush(ctx context.Context, b *batcher.Batch) error {
 	ctx, cancel := p.withTimeout(ctx)
 	defer cancel()
 	p.mu.Lock()
@@ -261,13 +269,13 @@ func (p *PG) Flush(ctx context.Context, b *Batch) error {
 		return err
 	}
 	err = p.flush(ctx, conn, b)
-	if err != nil && !errors.Is(err, ErrCheckpointMoved) {
+	if err != nil && !errors.Is(err, batcher.ErrCheckpointMoved) {
 		p.drop() // the connection's state is unknown
 	}
 	return err
 }
 
-func (p *PG) flush(ctx context.Context, conn *pgx.Conn, b *Batch) error {
+func (p *Store) flush(ctx context.Context, conn *pgx.Conn, b *batcher.Batch) error {
 	stmts := uint64(0)
 	defer func() { p.stats.Statements += stmts }()
 	tx, err := conn.Begin(ctx)
@@ -281,7 +289,7 @@ func (p *PG) flush(ctx context.Context, conn *pgx.Conn, b *Batch) error {
 	for i, c := range b.Checkpoints {
 		srcs[i] = c.Source
 	}
-	cur := map[string]Pos{}
+	cur := map[string]batcher.Pos{}
 	rows, err := tx.Query(ctx, `SELECT source, pos, sub FROM `+p.cfg.CheckpointTable+` WHERE source = ANY($1) ORDER BY source FOR UPDATE`, srcs)
 	stmts++
 	if err != nil {
@@ -294,7 +302,7 @@ func (p *PG) flush(ctx context.Context, conn *pgx.Conn, b *Batch) error {
 			rows.Close()
 			return fmt.Errorf("batcher: lock checkpoints: %w", err)
 		}
-		cur[s] = Pos{uint64(pos), uint64(sub)}
+		cur[s] = batcher.Pos{Major: uint64(pos), Minor: uint64(sub)}
 	}
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("batcher: lock checkpoints: %w", err)
@@ -308,7 +316,7 @@ func (p *PG) flush(ctx context.Context, conn *pgx.Conn, b *Batch) error {
 		return nil // committed before; the reply was lost
 	}
 	if !atPrev {
-		return fmt.Errorf("%w: stored %v; this batcher expected %v", ErrCheckpointMoved, cur, b.Checkpoints)
+		return fmt.Errorf("%w: stored %v; this batcher expected %v", batcher.ErrCheckpointMoved, cur, b.Checkpoints)
 	}
 
 	keys := make([]string, 0, len(b.Groups))

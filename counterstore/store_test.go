@@ -1,4 +1,4 @@
-package batcher
+package counterstore
 
 import (
 	"context"
@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgcache/pgcache/batcher"
 	"github.com/pgcache/pgcache/testenv"
 )
 
@@ -25,9 +26,9 @@ func pgEnv(t testing.TB) (*testenv.Env, context.Context) {
 	return env, ctx
 }
 
-func newPG(t testing.TB, ctx context.Context, dsn, prefix string) *PG {
+func newPG(t testing.TB, ctx context.Context, dsn, prefix string) *Store {
 	t.Helper()
-	pg, err := NewPG(PGConfig{DSN: dsn, MessagePrefix: prefix})
+	pg, err := New(Config{DSN: dsn, MessagePrefix: prefix})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,12 +63,12 @@ func TestPG(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cps["t1"] != (Pos{}) {
+		if cps["t1"] != (batcher.Pos{}) {
 			t.Fatalf("fresh checkpoint: got %v; want zero", cps["t1"])
 		}
-		b := &Batch{
-			Groups:      []Group{{Counter: "c1", Group: `["1"]`, Key: "c1:1", N: 5}, {Counter: "c1", Group: `["2"]`, Key: "c1:2", N: -1}},
-			Checkpoints: []Checkpoint{{Source: "t1", Prev: Pos{}, Pos: Pos{10, 2}}},
+		b := &batcher.Batch{
+			Groups:      []batcher.Group{{Counter: "c1", Group: `["1"]`, Key: "c1:1", N: 5}, {Counter: "c1", Group: `["2"]`, Key: "c1:2", N: -1}},
+			Checkpoints: []batcher.Checkpoint{{Source: "t1", Prev: batcher.Pos{}, Pos: batcher.Pos{Major: 10, Minor: 2}}},
 		}
 		if err := pg.Flush(ctx, b); err != nil {
 			t.Fatal(err)
@@ -83,15 +84,15 @@ func TestPG(t *testing.T) {
 			t.Errorf("c1 [2]: got %d; want -1", got)
 		}
 		// A batch from a writer that missed the last flush.
-		stale := &Batch{Groups: b.Groups, Checkpoints: []Checkpoint{{Source: "t1", Prev: Pos{}, Pos: Pos{12, 0}}}}
-		if err := pg.Flush(ctx, stale); !errors.Is(err, ErrCheckpointMoved) {
-			t.Errorf("stale batch: got %v; want %v", err, ErrCheckpointMoved)
+		stale := &batcher.Batch{Groups: b.Groups, Checkpoints: []batcher.Checkpoint{{Source: "t1", Prev: batcher.Pos{}, Pos: batcher.Pos{Major: 12, Minor: 0}}}}
+		if err := pg.Flush(ctx, stale); !errors.Is(err, batcher.ErrCheckpointMoved) {
+			t.Errorf("stale batch: got %v; want %v", err, batcher.ErrCheckpointMoved)
 		}
 		cps, err = pg.Load(ctx, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got, want := cps["t1"], (Pos{10, 2}); got != want {
+		if got, want := cps["t1"], (batcher.Pos{Major: 10, Minor: 2}); got != want {
 			t.Errorf("checkpoint: got %v; want %v", got, want)
 		}
 	})
@@ -105,10 +106,10 @@ func TestPG(t *testing.T) {
 		if _, err := conn.Exec(ctx, `SELECT pg_create_logical_replication_slot('batcher_test', 'test_decoding')`); err != nil {
 			t.Fatal(err)
 		}
-		b := &Batch{
+		b := &batcher.Batch{
 			Resets:      []string{"c1"},
-			Groups:      []Group{{Counter: "c1", Group: `["3"]`, Key: "c1:3", N: 7, Set: true}, {Counter: "c2", Group: `["1"]`, Key: "c2:1", N: 2}},
-			Checkpoints: []Checkpoint{{Source: "t1", Prev: Pos{10, 2}, Pos: Pos{20, 0}}},
+			Groups:      []batcher.Group{{Counter: "c1", Group: `["3"]`, Key: "c1:3", N: 7, Set: true}, {Counter: "c2", Group: `["1"]`, Key: "c2:1", N: 2}},
+			Checkpoints: []batcher.Checkpoint{{Source: "t1", Prev: batcher.Pos{Major: 10, Minor: 2}, Pos: batcher.Pos{Major: 20, Minor: 0}}},
 		}
 		if err := pg.Flush(ctx, b); err != nil {
 			t.Fatal(err)
@@ -149,7 +150,7 @@ func TestPG(t *testing.T) {
 
 	t.Run("concurrent input with a primary restart stays exact", func(t *testing.T) {
 		pg := newPG(t, ctx, dsn, "")
-		b, err := New(Config{MaxPending: 200, Interval: 5 * time.Millisecond, RetryMin: 10 * time.Millisecond, RetryMax: 200 * time.Millisecond}, pg, nil, nil)
+		b, err := batcher.New(batcher.Config{MaxPending: 200, Interval: 5 * time.Millisecond, RetryMin: 10 * time.Millisecond, RetryMax: 200 * time.Millisecond}, pg, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,8 +176,8 @@ func TestPG(t *testing.T) {
 					g := rng.IntN(300)
 					n := int64(rng.IntN(5) - 2)
 					want[s][g] += n
-					d := Delta{Counter: "conc", Group: fmt.Sprintf(`["%d"]`, g), Key: fmt.Sprintf("conc:%d", g), N: n}
-					if _, err := b.Add(ctx, Input{Source: fmt.Sprintf("s%d", s), Pos: Pos{uint64(i), 0}, Deltas: []Delta{d}}); err != nil {
+					d := batcher.Delta{Counter: "conc", Group: fmt.Sprintf(`["%d"]`, g), Key: fmt.Sprintf("conc:%d", g), N: n}
+					if _, err := b.Add(ctx, batcher.Input{Source: fmt.Sprintf("s%d", s), Pos: batcher.Pos{Major: uint64(i), Minor: 0}, Deltas: []batcher.Delta{d}}); err != nil {
 						t.Error(err)
 						return
 					}

@@ -1,8 +1,13 @@
-// Package tail turns the decoded WAL into invalidation batches: it
-// receives committed transactions from wal, maps their row changes and
-// messages to keys with the rules, and hands the keys to the publisher in
-// WAL order. Bad keys are counted and logged, never fatal. It leaves
-// decoding to wal, key rendering to keys and transport to bus.
+// Package tail is the tail role of the invalidator: it holds the
+// replication slot (or waits as a hot standby), turns each committed
+// transaction into invalidation keys for the bus and counter deltas for
+// the batcher, applies counter increments from NATS, and drains softly.
+// Each transaction's acknowledgement travels with it: wal hands it over
+// with the transaction, the role splits it between the publisher and the
+// batcher, and each does its part once its data is durable; wal alone
+// confirms the slot. It leaves decoding to wal, key rendering to keys,
+// transport to bus, counting to counters and batcher, and storage to
+// counterstore.
 package tail
 
 import (
@@ -14,17 +19,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/keys"
 	"github.com/pgcache/pgcache/row"
 	"github.com/pgcache/pgcache/wal"
 )
 
-// Publisher takes the keys of transactions in WAL order; bus.Publisher
+// Publisher takes the keys of transactions in WAL order, and each
+// transaction's Ack, done once its keys are durable; bus.Publisher
 // implements it.
 type Publisher interface {
 	BeginTx(commitLSN uint64, commitTime time.Time)
 	Add(ctx context.Context, keys ...string) error
-	EndTx(ctx context.Context, endLSN uint64) error
+	EndTx(ctx context.Context, endLSN uint64, ack bus.Ack) error
 }
 
 // Metrics are the tailer's Prometheus collectors.
@@ -51,7 +58,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-// Handler implements wal.Handler. It is used from wal's goroutine only.
+// Handler implements wal.Handler for invalidation keys. It is used from
+// wal's goroutine only.
 type Handler struct {
 	rules *keys.Set
 	pub   Publisher
@@ -96,27 +104,21 @@ func (h *Handler) Change(ctx context.Context, _ wal.TxInfo, c row.Change) error 
 	return h.add(ctx)
 }
 
-// Message implements wal.Handler. A non-transactional message is its own
-// transaction at its LSN.
-func (h *Handler) Message(ctx context.Context, tx wal.TxInfo, m wal.Message) error {
+// Message implements wal.Handler. A non-transactional message comes as a
+// transaction of its own (wal delivers Begin and Commit around it).
+func (h *Handler) Message(ctx context.Context, _ wal.TxInfo, m wal.Message) error {
 	h.m.Messages.Inc()
 	var errs []error
 	h.buf, errs = keys.ParseMessage(m.Content)
 	h.report("message:"+m.Prefix, errs)
-	if m.Transactional {
-		return h.add(ctx)
-	}
-	h.pub.BeginTx(uint64(m.LSN), time.Now())
-	if err := h.add(ctx); err != nil {
-		return err
-	}
-	return h.pub.EndTx(ctx, uint64(m.LSN))
+	return h.add(ctx)
 }
 
-// Commit implements wal.Handler.
-func (h *Handler) Commit(ctx context.Context, tx wal.TxInfo) error {
+// Commit implements wal.Handler: the publisher takes the transaction's
+// Ack and does it once the transaction's keys are acked by JetStream.
+func (h *Handler) Commit(ctx context.Context, tx wal.TxInfo, ack *wal.Ack) error {
 	h.m.Txs.Inc()
-	return h.pub.EndTx(ctx, uint64(tx.EndLSN))
+	return h.pub.EndTx(ctx, uint64(tx.EndLSN), ack)
 }
 
 func (h *Handler) add(ctx context.Context) error {

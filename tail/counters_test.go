@@ -1,4 +1,4 @@
-package main
+package tail
 
 import (
 	"context"
@@ -34,7 +34,7 @@ func TestCounterHandlerRetry(t *testing.T) {
 	ctx := context.Background()
 	tx := wal.TxInfo{Xid: 7, CommitLSN: 100, EndLSN: 108}
 
-	b, err := batcher.New(batcher.Config{MaxPending: 1, Interval: time.Hour}, downFlusher{}, nil, nil)
+	b, err := batcher.New(batcher.Config{MaxPending: 1, Interval: time.Hour}, downFlusher{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func TestCounterHandlerRetry(t *testing.T) {
 	// Checkpoints read, then the flush cannot go through: the pending
 	// group fills MaxPending, and the next input waits for room.
 	fl := &loadOnce{}
-	b, err = batcher.New(batcher.Config{MaxPending: 1, Interval: time.Millisecond, RetryMin: time.Hour, RetryMax: time.Hour}, fl, nil, nil)
+	b, err = batcher.New(batcher.Config{MaxPending: 1, Interval: time.Millisecond, RetryMin: time.Hour, RetryMax: time.Hour}, fl, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +59,7 @@ func TestCounterHandlerRetry(t *testing.T) {
 	}
 	var got error
 	for ord := uint64(1); ord <= 3 && got == nil; ord++ {
-		got = h.add(ctx, batcher.Input{Source: walSource, Pos: batcher.Pos{Major: 100, Minor: ord},
+		got = h.add(ctx, batcher.Input{Source: WALSource, Pos: batcher.Pos{Major: 100, Minor: ord},
 			Deltas: []batcher.Delta{{Counter: "likes", Group: fmt.Sprint(ord), Key: "likes:" + fmt.Sprint(ord), N: 1}}})
 	}
 	if !errors.Is(got, wal.ErrRetry) || !errors.Is(got, batcher.ErrBusy) {

@@ -1,0 +1,343 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgcache/pgcache/backoff"
+	"github.com/pgcache/pgcache/batcher"
+	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/counters"
+	"github.com/pgcache/pgcache/counterstore"
+	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/wal"
+)
+
+// Config configures the tail role.
+type Config struct {
+	// WAL is the slot, publication and tables to stream.
+	WAL wal.Config
+	// Publisher is the invalidation stream and how batches are published.
+	Publisher bus.PublisherConfig
+	// Counters are the counter rules; nil or empty means no counters, and
+	// Batcher, Store and Increments are not used.
+	Counters *counters.Set
+	Batcher  batcher.Config
+	Store    counterstore.Config
+	// Increments is the stream of direct increments (Name, Placement).
+	Increments bus.StreamConfig
+	// SetupTimeout bounds the setup of the slot, the streams and the
+	// counter tables. 0 means 30s.
+	SetupTimeout time.Duration
+}
+
+// Validate checks cfg with the rules it will render.
+func (c Config) Validate() error {
+	if err := c.WAL.Validate(); err != nil {
+		return err
+	}
+	if err := c.Publisher.Validate(); err != nil {
+		return err
+	}
+	if c.counting() {
+		if err := c.Batcher.Validate(); err != nil {
+			return err
+		}
+		if err := c.Store.Validate(); err != nil {
+			return err
+		}
+		if c.Increments.Name == "" {
+			return errors.New("tail: config: the increments stream has no name")
+		}
+	}
+	if c.SetupTimeout < 0 {
+		return fmt.Errorf("tail: config: SetupTimeout (%s) is negative", c.SetupTimeout)
+	}
+	return nil
+}
+
+func (c Config) counting() bool { return c.Counters != nil && c.Counters.Len() > 0 }
+
+// Role is the tail role. Lifecycle: New, then Run (blocks); Drain is the
+// soft stop (stop reading the WAL, publish and flush what was read,
+// confirm the last position, then Run returns nil); cancelling Run's ctx
+// is the hard stop (what is unconfirmed is delivered again after a
+// restart). Close releases what Run did not (it is safe twice).
+type Role struct {
+	cfg   Config
+	js    jetstream.JetStream
+	log   *zap.Logger
+	reg   prometheus.Registerer
+	keys  *Handler
+	ctrm  *counterMetrics
+	ready chan struct{}
+
+	stream  *wal.Stream
+	pub     *bus.Publisher
+	batcher *batcher.Batcher // nil without counters
+	store   *counterstore.Store
+
+	// goingAway is signalled when a counter flush fails because the
+	// primary is shutting down or unreachable.
+	goingAway chan struct{}
+
+	softOnce  sync.Once
+	soft      chan struct{} // closed by Drain
+	done      chan struct{} // closed when Run returns
+	closeOnce sync.Once
+}
+
+// New validates cfg and returns the role, which renders keys with rules
+// (see SetRules) and registers its metrics with reg (nil: none).
+func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Registerer, log *zap.Logger) (*Role, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.SetupTimeout == 0 {
+		cfg.SetupTimeout = 30 * time.Second
+	}
+	stream, err := wal.New(cfg.WAL, log)
+	if err != nil {
+		return nil, err
+	}
+	pub, err := bus.NewPublisher(js, cfg.Publisher, log.Named("bus"))
+	if err != nil {
+		return nil, err
+	}
+	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub,
+		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
+	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
+	if cfg.counting() {
+		r.ctrm = newCounterMetrics(reg)
+		if r.store, err = counterstore.New(cfg.Store); err != nil {
+			return nil, err
+		}
+		if r.batcher, err = batcher.New(cfg.Batcher, goingAwayFlusher{Store: r.store, signal: r.goingAway}, batcher.NewMetrics(reg)); err != nil {
+			return nil, err
+		}
+	}
+	r.register(reg)
+	return r, nil
+}
+
+// SetRules replaces the rules (a config reload); they apply from the next
+// transaction.
+func (r *Role) SetRules(rules *keys.Set) { r.keys.SetRules(rules) }
+
+// Ready is closed once the slot, the publication, the streams and the
+// counter tables are set up (a hot standby is ready while it waits).
+func (r *Role) Ready() <-chan struct{} { return r.ready }
+
+// Stats returns the WAL stream's positions, for health checks.
+func (r *Role) Stats() wal.Stats { return r.stream.Stats() }
+
+// Run sets up and runs the role until Drain completes (nil), ctx ends
+// (nil), or a component fails.
+func (r *Role) Run(ctx context.Context) error {
+	defer close(r.done)
+	defer r.Close()
+	if err := r.setup(ctx); err != nil {
+		return err
+	}
+	close(r.ready)
+	g, gctx := errgroup.WithContext(ctx)
+	// Every component runs until the hard stop, or until the WAL side has
+	// drained (then they are stopped in order below).
+	bctx, stopBack := context.WithCancel(gctx)
+	defer stopBack()
+	g.Go(func() error { return r.pub.Run(bctx) })
+	if r.batcher != nil {
+		g.Go(func() error {
+			if err := r.batcher.Run(bctx); err != nil {
+				return fmt.Errorf("counters: %w", err)
+			}
+			return nil
+		})
+		if hasIncrements(r.cfg.Counters) {
+			g.Go(func() error { return r.runIncrements(bctx) })
+		}
+	}
+	g.Go(func() error {
+		defer stopBack()
+		err := r.runStream(gctx)
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return fmt.Errorf("wal: %w", err)
+		}
+		if gctx.Err() != nil {
+			return nil // hard stop
+		}
+		// Soft stop: reading has stopped. Publish what was read and
+		// flush the deltas (each resolves its part of the transactions'
+		// Acks), then wal confirms the last position.
+		if err := r.pub.Drain(gctx); err != nil {
+			return err
+		}
+		if r.batcher != nil {
+			if err := r.batcher.Drain(gctx); err != nil && !errors.Is(err, batcher.ErrClosed) {
+				return fmt.Errorf("counters: %w", err)
+			}
+		}
+		if err := r.stream.Drain(gctx); err != nil {
+			r.log.Warn("drain: not every transaction was acknowledged; the rest is delivered again after a restart", zap.Error(err))
+		}
+		return nil
+	})
+	return g.Wait()
+}
+
+// Drain is the soft stop; it returns when Run has, or when ctx ends.
+func (r *Role) Drain(ctx context.Context) error {
+	r.softOnce.Do(func() { close(r.soft) })
+	select {
+	case <-r.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("tail: drain: %w", ctx.Err())
+	}
+}
+
+// Close releases the counter store's connection. Run calls it; it is
+// safe to call again.
+func (r *Role) Close() {
+	r.closeOnce.Do(func() {
+		if r.store != nil {
+			r.store.Close()
+		}
+	})
+}
+
+func (r *Role) setup(ctx context.Context) error {
+	sctx, cancel := context.WithTimeout(ctx, r.cfg.SetupTimeout)
+	defer cancel()
+	if err := r.stream.Setup(sctx); err != nil {
+		return fmt.Errorf("set up slot and publication: %w", err)
+	}
+	if _, err := bus.EnsureStream(sctx, r.js, r.cfg.Publisher.Stream); err != nil {
+		return err
+	}
+	if r.batcher == nil {
+		return nil
+	}
+	if err := r.store.EnsureSchema(sctx); err != nil {
+		return err
+	}
+	if err := r.store.InitCounters(sctx, r.cfg.Counters, r.log.Named("counters")); err != nil {
+		return err
+	}
+	if err := r.batcher.Load(sctx, WALSource, NATSSource(r.cfg.Increments.Name)); err != nil {
+		return err
+	}
+	r.log.Info("counters ready", zap.Strings("counters", r.cfg.Counters.Names()),
+		zap.Stringer("wal_checkpoint", r.batcher.Checkpoint(WALSource)))
+	return nil
+}
+
+// handler is what the WAL stream feeds: the keys, and the counters when
+// there are any.
+func (r *Role) handler() wal.Handler {
+	if r.batcher == nil {
+		return r.keys
+	}
+	return fanout{keys: r.keys, ctr: &counterHandler{set: r.cfg.Counters, b: r.batcher, m: r.ctrm,
+		log: r.log.Named("counters"), wait: handlerWait}}
+}
+
+// runStream runs the WAL stream until Drain or ctx, or until it fails.
+// When a counter flush fails because the primary is going away, it drops
+// the replication connection and resumes a moment later: a primary's
+// clean shutdown waits until every walsender's client has confirmed all
+// the WAL sent to it, which the slot must not do while deltas are
+// unflushed, and the flush cannot happen while the server shuts down.
+// Without this, a fast shutdown of the primary would hang until the
+// walsender is killed. Resuming is safe: the stream delivers again from
+// the last confirmed position, and the batcher skips what it holds.
+func (r *Role) runStream(ctx context.Context) error {
+	h := r.handler()
+	for {
+		sctx, cancel := context.WithCancel(ctx)
+		released := make(chan struct{})
+		go func() {
+			select {
+			case <-r.goingAway:
+				if r.stream.Stats().State == wal.StateStreaming {
+					r.log.Warn("counters cannot be flushed: the primary is going away; releasing the replication connection so that it can shut down")
+				}
+				close(released)
+				cancel()
+			case <-r.soft:
+				cancel()
+			case <-sctx.Done():
+			}
+		}()
+		err := r.stream.Run(sctx, h)
+		cancel()
+		select {
+		case <-released:
+		default:
+			return err
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case <-r.soft:
+			return nil
+		default:
+		}
+		if backoff.Wait(ctx, time.Second) != nil {
+			return nil
+		}
+	}
+}
+
+// goingAwayFlusher tells runStream when the primary is going away.
+type goingAwayFlusher struct {
+	*counterstore.Store
+	signal chan struct{}
+}
+
+func (f goingAwayFlusher) Flush(ctx context.Context, b *batcher.Batch) error {
+	err := f.Store.Flush(ctx, b)
+	if err != nil && !errors.Is(err, batcher.ErrCheckpointMoved) && wal.GoingAway(err) {
+		select {
+		case f.signal <- struct{}{}:
+		default:
+		}
+	}
+	return err
+}
+
+func (r *Role) register(reg prometheus.Registerer) {
+	if reg == nil {
+		return
+	}
+	s, p := r.stream, r.pub
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, f)
+	}
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	reg.MustRegister(
+		gauge("invalidator_slot_lag_bytes", "Server WAL end minus the LSN confirmed to the slot.", func() float64 { return float64(s.Stats().LagBytes) }),
+		gauge("invalidator_replication_lag_seconds", "Server send time minus commit time of the last decoded transaction (0 when idle).", func() float64 { return s.Stats().DecodeLag.Seconds() }),
+		gauge("invalidator_slot_confirmed_lsn", "LSN confirmed to the slot, as a number.", func() float64 { return float64(s.Stats().ConfirmedLSN) }),
+		gauge("invalidator_slot_active", "1 while this process holds the slot and streams.", func() float64 { return b2f(s.Stats().State == wal.StateStreaming) }),
+		gauge("invalidator_unacknowledged_transactions", "Transactions delivered by the WAL stream whose keys or deltas are not yet durable.", func() float64 { return float64(s.Stats().Unacked) }),
+		gauge("invalidator_publish_in_flight", "Batches published and not yet acked by JetStream.", func() float64 { return float64(p.Stats().InFlight) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_published_batches_total", Help: "Batches published since start."}, func() float64 { return float64(p.Stats().Batches) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_publish_retries_total", Help: "Batches published again after a failed or missing ack."}, func() float64 { return float64(p.Stats().Retries) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_wal_reconnects_total", Help: "Replication connections made again: after a lost connection, or a handler's retry."}, func() float64 { return float64(s.Stats().Reconnects) }),
+	)
+}
