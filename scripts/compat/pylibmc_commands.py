@@ -7,7 +7,8 @@ Usage: pylibmc_commands.py OUT.tsv name=host:port [name=host:port ...]
 Each case runs against every target in turn, on keys of its own (a fresh
 prefix per target and run), and is checked against what memcached 1.6's
 protocol.txt says the command answers. The commands pylibmc does not
-expose (version, verbosity, gat, gats, quit, noreply, error lines) are
+expose (version, verbosity, gat, gats, quit, noreply, error lines, meta
+commands) are
 sent on a raw socket. Writes one line per case and target to OUT.tsv:
 suite, case, target, PASS or FAIL, and what the case got (normalised so
 that direct and proxy can be compared: no CAS numbers, no pids).
@@ -144,6 +145,8 @@ def cases(c, addr, p):
     yield "gats (raw)", lambda: (c.set(k("gats"), b"gv"), raw(addr, b"gats 100 " + k("gats").encode() + b"\r\n", until=(b"END\r\n",)).split(b" ")[:4])[1], lambda r: r[:3] == [b"VALUE", k("gats").encode(), b"0"] and r[3].startswith(b"2")
     yield "noreply set then get (raw)", lambda: raw(addr, b"set " + k("nr").encode() + b" 5 0 2 noreply\r\nhi\r\nget " + k("nr").encode() + b"\r\n", until=(b"END\r\n",)), b"VALUE " + k("nr").encode() + b" 5 2\r\nhi\r\nEND\r\n"
     yield "noreply delete, incr then get (raw)", lambda: raw(addr, b"set " + k("nd").encode() + b" 0 0 1\r\n1\r\nincr " + k("nd").encode() + b" 4 noreply\r\nget " + k("nd").encode() + b"\r\ndelete " + k("nd").encode() + b" noreply\r\nget " + k("nd").encode() + b"\r\n", until=(b"END\r\nEND\r\n",)), b"STORED\r\nVALUE " + k("nd").encode() + b" 0 1\r\n5\r\nEND\r\nEND\r\n"
+    # Meta commands are passed through to the key's server (mn to one).
+    yield "meta ms, mg, ma, md, mn (raw)", lambda: raw(addr, b"ms " + k("mt").encode() + b" 1\r\n5\r\nmg " + k("mt").encode() + b" v\r\nma " + k("mt").encode() + b" D3 v\r\nmd " + k("mt").encode() + b"\r\nmg " + k("mt").encode() + b" v\r\nmn\r\n", until=(b"MN\r\n",)), b"HD\r\nVA 1\r\n5\r\nVA 1\r\n8\r\nHD\r\nEN\r\nMN\r\n"
     yield "unknown command (raw)", lambda: raw(addr, b"bogus\r\n"), b"ERROR\r\n"
     yield "key too long (raw)", lambda: raw(addr, b"get " + b"k" * 251 + b"\r\n").startswith(b"CLIENT_ERROR"), True
     yield "bad data chunk (raw)", lambda: raw(addr, b"set " + k("bd").encode() + b" 0 0 2\r\nabcd\r\n").startswith(b"CLIENT_ERROR bad data chunk"), True
