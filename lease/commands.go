@@ -58,7 +58,12 @@ func (c *conn) exec(ctx context.Context, cmd *Command, value []byte) (quit bool)
 				b = appendLine(b, replyFlushRefused)
 				break
 			}
-			if err := s.be.FlushAll(ctx, cmd.Exptime); err != nil {
+			err := s.be.FlushAll(ctx, cmd.Exptime)
+			// Even a partial flush may have dropped lease items and
+			// records: forget the leases (their fills are then checked
+			// against what memcached holds).
+			s.l.flushed()
+			if err != nil {
 				b = c.backendError(b, err)
 				break
 			}
@@ -265,6 +270,9 @@ func (c *conn) touchResult(ctx context.Context, key string, r *getResult, touch 
 }
 
 func (c *conn) appendResult(b []byte, key string, r *getResult, withCAS bool) []byte {
+	if r.lease != 0 {
+		c.bind(key, r.lease)
+	}
 	if !r.found {
 		c.s.st.misses.Add(1)
 		return b
@@ -325,7 +333,7 @@ func (c *conn) store(ctx context.Context, b []byte, cmd *Command, value []byte) 
 	var mode byte
 	switch cmd.Op {
 	case OpSet, OpAdd:
-		res, err := s.l.fill(ctx, key, value, cmd.Flags, cmd.Exptime)
+		res, err := s.l.fill(ctx, key, c.takeBinding(key), cmd.Op == OpAdd, value, cmd.Flags, cmd.Exptime)
 		switch {
 		case err != nil:
 			return c.backendError(b, err)

@@ -87,6 +87,15 @@ type LeaseConfig struct {
 	MaxRecords int
 	// ForeignSet is ForeignCheck, ForeignPlain or ForeignRefuse.
 	ForeignSet string
+	// Memory is how long a lease is remembered after it is handed out, on
+	// the connection that got it and in its record in memcached: a fill
+	// that arrives later than this after its miss is no longer known as
+	// a fill and is stored as a plain write. Within it, a fill that began
+	// before an invalidation of its key is refused however late it comes
+	// (see the package documentation). Rounded up to whole seconds; less
+	// than TTL counts as TTL. It should be much longer than the slowest
+	// query.
+	Memory time.Duration
 	// RecordPrefix prefixes the key of the lease record written to
 	// memcached for ForeignCheck: "<prefix><key>#<n>" (or
 	// "<prefix>sha256:<hex>#<n>" for long keys), n chosen so that the
@@ -97,8 +106,8 @@ type LeaseConfig struct {
 // DefaultConfig returns the defaults: 4096 connections, 1 MiB values,
 // 2 KiB lines (256 KiB for retrievals), 10 minutes idle, flush_all
 // refused, 32 keys of a multi-get at once, and leases of 2s with a 250ms
-// wait, stale serving on, polling from 5ms to 50ms, 100000 records and
-// foreign sets checked.
+// wait, stale serving on, polling from 5ms to 50ms, leases remembered
+// for a minute, 100000 records and foreign sets checked.
 func DefaultConfig() Config {
 	return Config{
 		MaxConns:         4096,
@@ -115,6 +124,7 @@ func DefaultConfig() Config {
 			Stale:        true,
 			PollMin:      5 * time.Millisecond,
 			PollMax:      50 * time.Millisecond,
+			Memory:       time.Minute,
 			MaxRecords:   100000,
 			ForeignSet:   ForeignCheck,
 			RecordPrefix: "_lease:",
@@ -161,6 +171,10 @@ func (c LeaseConfig) Validate() error {
 		return fmt.Errorf("%w: Lease.PollMin (%s) must be positive", ErrConfig, c.PollMin)
 	case c.PollMax < c.PollMin:
 		return fmt.Errorf("%w: Lease.PollMax (%s) cannot be less than Lease.PollMin (%s)", ErrConfig, c.PollMax, c.PollMin)
+	case c.Memory < 0:
+		return fmt.Errorf("%w: Lease.Memory (%s) cannot be negative", ErrConfig, c.Memory)
+	case c.Memory > 30*24*time.Hour:
+		return fmt.Errorf("%w: Lease.Memory (%s) cannot exceed 30 days", ErrConfig, c.Memory)
 	case c.MaxRecords < 1:
 		return fmt.Errorf("%w: Lease.MaxRecords (%d) must be at least 1", ErrConfig, c.MaxRecords)
 	case c.ForeignSet != ForeignCheck && c.ForeignSet != ForeignPlain && c.ForeignSet != ForeignRefuse:
@@ -169,6 +183,14 @@ func (c LeaseConfig) Validate() error {
 		return fmt.Errorf("%w: Lease.RecordPrefix %q must be 1 to 64 bytes without spaces or control characters", ErrConfig, c.RecordPrefix)
 	}
 	return nil
+}
+
+// memory is Memory, at least TTL.
+func (c LeaseConfig) memory() time.Duration { return max(c.Memory, c.TTL) }
+
+// memorySeconds is memory() in whole seconds, rounded up.
+func (c LeaseConfig) memorySeconds() int64 {
+	return int64((c.memory() + time.Second - 1) / time.Second)
 }
 
 // ttlSeconds is the lease TTL in whole seconds, rounded up.

@@ -84,14 +84,50 @@
 // it reads its own writes, as without the proxy.
 //
 // The proxy records each lease it hands out (key to the CAS of the item
-// it won, bounded by Lease.MaxRecords, dropped after Lease.TTL). A set or
-// add of that key, on any connection of this proxy (clients pool
-// connections), is the fill: it is sent as "ms <key> <len> C<cas>", so
-// memcached stores it only if the item is still the leased one. An
-// invalidation in between (the item deleted, or marked stale, which bumps
-// its CAS) or the lease's expiry makes memcached answer NF or EX, and the
-// client gets NOT_STORED: a value read before the invalidation cannot be
-// stored after it (invariant I2). The next reader wins a new lease.
+// it won), on the connection whose client got it (at most 128 per
+// connection) and in a record in memcached (see below), both for
+// Lease.Memory (a minute by default), far longer than Lease.TTL. A set
+// or add of that key on that connection is the fill: it is sent as
+// "ms <key> <len> C<cas>", so memcached stores it only if the item is
+// still the leased one. An invalidation in between (the item deleted,
+// or marked stale, which bumps its CAS) makes memcached answer NF or EX,
+// and the client gets NOT_STORED: a value read before the invalidation
+// cannot be stored after it (invariant I2). The next reader wins a new
+// lease.
+//
+// # Late fills
+//
+// A fill is refused however late it comes, within Lease.Memory of its
+// miss, if its key was invalidated since: memcached's empty item of the
+// lease lives only Lease.TTL, but the proxy remembers the lease, and a
+// fill whose item is gone, stale or another lease's is refused. Past
+// Lease.TTL memcached has dropped the empty item, and the proxy cannot
+// tell that from an invalidation, so a fill slower than Lease.TTL is
+// refused too: set it above the slowest fill. A set later than
+// Lease.Memory after its miss is no longer known as a fill and is
+// stored as a plain write.
+//
+// A set that the proxy cannot tie to a lease by its connection (another
+// connection: clients pool them; another proxy; a write-through of a
+// fresh value) is checked against the key's lease record in memcached
+// (Lease.ForeignSet "check", the default). With no record, or a record
+// whose lease is older than Lease.Memory, it is a plain write. With an
+// outstanding lease, it is stored only if the key was not invalidated
+// since the lease: its item is still the lease's empty item, or a value
+// that a set through a proxy stored over it since, neither stale nor
+// gone; it is then a compare-and-swap against that item. When a lease
+// is won while the key's previous lease is still outstanding (it was
+// invalidated or expired before its fill came), the record is marked
+// broken until that lease's memory ends: the earlier fill may yet come,
+// and nothing tells it from the new lease's fill on another connection,
+// so every set not tied to a lease by its connection is refused
+// (NOT_STORED, counted in lease_refused_broken_total) until then. Fills
+// on the connection that got the lease are exact and unaffected.
+//
+// flush_all (forwarded) drops memcached's lease items and records, and
+// the proxy forgets the leases it handed out: a set after it is an
+// ordinary write, as in memcached. A fill whose lease was flushed through
+// another proxy finds its record gone and is stored as a plain write.
 //
 // # A fill at another proxy
 //
@@ -101,24 +137,24 @@
 //
 //   - "check" (default): on a win, A also writes the lease record to
 //     memcached, under RecordPrefix+key, on the key's own server (not
-//     where that name would hash: a dead server fails only its keys),
-//     with the CAS as value and twice the lease TTL. B, holding no
-//     record, reads it: if there is one, B
-//     stores with C<cas> exactly as A would, so an invalidation since the
-//     lease refuses the fill at B too; with none, no lease is out for the
-//     key and the set is an ordinary write. If the record cannot be read
+//     where that name would hash: a dead server fails only its keys):
+//     "<cas> <won> <broken until> <consumed>", for Lease.Memory. B
+//     checks a set against it as above. If the record cannot be read
 //     (its server is down), B refuses the set (NOT_STORED): a refused
 //     fill costs one miss, a wrongly stored one serves stale data until
-//     its TTL. The record is removed after the fill. Cost: one extra
-//     write per lease won and one extra read per set without a local
-//     record.
+//     its TTL. The fill on the winner's connection marks the record
+//     consumed (removes it, unless broken). Cost: a read and a
+//     compare-and-swap of the record per lease won, one extra read per
+//     set without a lease on its connection, and about 170 bytes of
+//     memcached memory per key leased within Lease.Memory.
 //   - "plain": B stores as usual. Fast, but such a fill is not checked:
 //     it can store a value read before an invalidation (breaks I2 for
 //     clients that spread one get/set pair over proxies).
 //   - "refuse": B answers NOT_STORED to every set and add without a
-//     local lease record. Safe, but plain writes (write-through, counters)
-//     are refused too; only for deployments where every set is a fill and
-//     each client sticks to one proxy.
+//     lease on its connection or a local lease record. Safe, but plain
+//     writes (write-through, counters) are refused too; only for
+//     deployments where every set is a fill and each client sticks to
+//     one proxy.
 //
 // Commands that act on an existing item only (delete, replace, append,
 // prepend, incr, decr, touch) first read the key's state (mg s f c): the

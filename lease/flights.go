@@ -60,7 +60,10 @@ type waiter struct {
 	// (picked is set first): its client fills.
 	lease  chan struct{}
 	picked atomic.Bool
-	left   bool // gave up (its wait is over); guarded by the shard's mu
+	// cas is the lease handed to this waiter, set before lease gets its
+	// value.
+	cas  uint64
+	left bool // gave up (its wait is over); guarded by the shard's mu
 }
 
 func (l *leaser) shardOf(key string) *shard {
@@ -306,6 +309,7 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 	select {
 	case <-w.lease:
 		o.kind = gotLease
+		o.item.cas = w.cas
 	case <-f.done:
 		o = l.outcomeOf(f, w)
 	case <-t.C:
@@ -329,7 +333,8 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 		}
 		return getResult{found: true, item: o.item, stale: o.stale}, nil
 	case gotLease:
-		return getResult{}, nil // the poller recorded the lease for this client
+		// The poller recorded the lease for this client.
+		return getResult{lease: o.item.cas}, nil
 	}
 	return getResult{}, o.err
 }
@@ -338,7 +343,7 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 func (l *leaser) outcomeOf(f *flight, w *waiter) outcome {
 	if w.picked.Load() {
 		<-w.lease
-		return outcome{kind: gotLease}
+		return outcome{kind: gotLease, item: item{cas: w.cas}}
 	}
 	<-f.done
 	return f.out
@@ -416,6 +421,7 @@ func (l *leaser) poll(key string, f *flight) {
 				mark = nil
 			}
 			l.won(context.Background(), key, &resp, mark)
+			w.cas = resp.CAS
 			w.lease <- struct{}{}
 			if serveStale {
 				l.settle(key, f, outcome{kind: gotValue, item: itemOf(&resp), stale: true})

@@ -120,8 +120,9 @@ func TestJoinReadInFlight(t *testing.T) {
 func TestJoinLease(t *testing.T) {
 	s, be := newFakeServer(t, fakeConfig())
 	ctx := context.Background()
-	if r, _ := s.l.get(ctx, "k"); r.found {
-		t.Fatalf("first reader: got %+v; want a miss that wins the lease", r)
+	first, _ := s.l.get(ctx, "k")
+	if first.found || first.lease == 0 {
+		t.Fatalf("first reader: got %+v; want a miss that wins the lease", first)
 	}
 	results := make(chan getResult, 50)
 	for range 50 {
@@ -131,7 +132,8 @@ func TestJoinLease(t *testing.T) {
 		}()
 	}
 	waitFor(t, "50 joins", func() bool { return s.Stats().LeaseJoins == 50 })
-	if res, err := s.l.fill(ctx, "k", []byte("v"), 0, 0); err != nil || res != fillStored {
+	// The winner fills on its connection: the fill is tied to its lease.
+	if res, err := s.l.fill(ctx, "k", first.lease, false, []byte("v"), 0, 0); err != nil || res != fillStored {
 		t.Fatalf("fill: got %v, %v; want stored", res, err)
 	}
 	for range 50 {
@@ -371,7 +373,7 @@ func TestFillHandsValue(t *testing.T) {
 		}()
 	}
 	waitFor(t, "10 joins", func() bool { return s.Stats().LeaseJoins == 10 })
-	if res, err := s.l.fill(ctx, "k", []byte("v"), 7, 0); err != nil || res != fillStored {
+	if res, err := s.l.fill(ctx, "k", 0, false, []byte("v"), 7, 0); err != nil || res != fillStored {
 		t.Fatalf("fill: got %v, %v; want stored", res, err)
 	}
 	resp, _ := be.MetaGet(ctx, "k", "v", "f", "c")

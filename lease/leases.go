@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"hash/maphash"
 	"strconv"
 	"sync"
@@ -30,6 +29,9 @@ type getResult struct {
 	item  item
 	// stale: the value was served stale while a refill is in flight.
 	stale bool
+	// lease is the CAS of the lease this read won for its client (a
+	// miss the client is to fill); 0: none.
+	lease uint64
 }
 
 type outcomeKind uint8
@@ -84,6 +86,9 @@ type leaser struct {
 	qhead int
 	// stopped is set (under mu) when close begins.
 	stopped atomic.Bool
+	// epoch counts the flush_all this proxy forwarded: a connection's
+	// lease from an earlier epoch is forgotten.
+	epoch atomic.Uint64
 
 	// shards hold the flights: per key, the reads, waits and leases under
 	// way on this proxy (see flights.go).
@@ -250,18 +255,18 @@ func (l *leaser) result(ctx context.Context, key string, f *flight, resp *mcpool
 	case resp.Win:
 		if f == nil {
 			l.won(ctx, key, resp, nil)
-			return getResult{}, nil
+			return getResult{lease: resp.CAS}, nil
 		}
 		if serveStale {
 			// The readers that joined get the stale value at once, as
 			// those that see Z X do.
 			l.won(ctx, key, resp, nil)
 			l.settle(key, f, outcome{kind: gotValue, item: itemOf(resp), stale: true})
-			return getResult{}, nil
+			return getResult{lease: resp.CAS}, nil
 		}
 		l.won(ctx, key, resp, f)
 		l.leasedRead(key, f)
-		return getResult{}, nil
+		return getResult{lease: resp.CAS}, nil
 	case serveStale:
 		l.st.staleServes.Add(1)
 		it := itemOf(resp)
@@ -328,15 +333,8 @@ func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *
 		l.popLocked()
 	}
 	l.mu.Unlock()
-	if l.cfg.ForeignSet != ForeignCheck {
-		return
-	}
-	rk, at := l.record(key)
-	_, err := l.be.MetaSetOn(ctx, at, rk, strconv.AppendUint(nil, resp.CAS, 10),
-		mcpool.SetOptions{TTL: 2 * time.Duration(l.cfg.ttlSeconds()) * time.Second})
-	if err != nil {
-		l.st.backendErrors.Add(1)
-		l.log.Debug("write lease record", zap.String("key", key), zap.Error(err))
+	if l.cfg.ForeignSet == ForeignCheck {
+		l.writeRecord(ctx, key, resp.CAS)
 	}
 }
 
@@ -426,52 +424,19 @@ const (
 	fillPlain // no lease: store as an ordinary write
 )
 
-// fill stores value for a set or add of key if a lease governs it. It
-// returns fillPlain when no lease is known, and the caller stores as
-// usual.
-func (l *leaser) fill(ctx context.Context, key string, value []byte, flags uint32, exptime int64) (fillResult, error) {
-	if !l.enabled() {
-		return fillPlain, nil
-	}
-	if r, ok := l.take(key); ok {
-		res, err := l.checkedSet(ctx, key, value, flags, exptime, r.cas)
-		l.cleanupRecord(key, r.cas)
-		return res, err
-	}
-	switch l.cfg.ForeignSet {
-	case ForeignPlain:
-		return fillPlain, nil
-	case ForeignRefuse:
-		l.st.refused.Add(1)
-		return fillRefused, nil
-	}
-	rk, at := l.record(key)
-	resp, err := l.be.MetaGetOn(ctx, at, rk, "v")
-	if err != nil {
-		// Without the record the fill cannot be checked: refusing costs a
-		// miss, storing might store a stale value (I2). The client gets
-		// the error.
-		l.st.checkFailed.Add(1)
-		l.st.refused.Add(1)
-		return fillRefused, fmt.Errorf("read lease record: %w", err)
-	}
-	if resp.Status != mcpool.StatusVA {
-		return fillPlain, nil
-	}
-	cas, perr := strconv.ParseUint(string(resp.Value), 10, 64)
-	if perr != nil || cas == 0 {
-		return fillPlain, nil
-	}
-	l.st.foreignFills.Add(1)
-	res, err := l.checkedSet(ctx, key, value, flags, exptime, cas)
-	l.cleanupRecord(key, cas)
-	return res, err
-}
-
 // checkedSet stores value only if key's item still has the leased CAS:
 // an invalidation since (delete, or md I which bumps the CAS) or the
 // lease's expiry makes memcached answer NF or EX, and the fill is refused.
 func (l *leaser) checkedSet(ctx context.Context, key string, value []byte, flags uint32, exptime int64, cas uint64) (fillResult, error) {
+	res, err := l.trySet(ctx, key, value, flags, exptime, cas)
+	if err == nil && res == fillRefused {
+		l.st.refused.Add(1)
+	}
+	return res, err
+}
+
+// trySet is checkedSet without counting a refusal.
+func (l *leaser) trySet(ctx context.Context, key string, value []byte, flags uint32, exptime int64, cas uint64) (fillResult, error) {
 	opt := setOptions(0, flags, exptime, cas)
 	opt.ReturnCAS = true
 	resp, err := l.be.MetaSet(ctx, key, value, opt)
@@ -483,34 +448,7 @@ func (l *leaser) checkedSet(ctx context.Context, key string, value []byte, flags
 		l.filled(key, item{value: value, flags: flags, cas: resp.CAS})
 		return fillStored, nil
 	}
-	l.st.refused.Add(1)
 	return fillRefused, nil
-}
-
-// cleanupRecord removes the lease record written to memcached for a
-// lease that has been used, if it still names that lease. It runs in the
-// background: the client has its answer.
-func (l *leaser) cleanupRecord(key string, cas uint64) {
-	if l.cfg.ForeignSet != ForeignCheck {
-		return
-	}
-	l.mu.Lock()
-	if l.stopped.Load() {
-		l.mu.Unlock()
-		return
-	}
-	l.wg.Add(1)
-	l.mu.Unlock()
-	go func() {
-		defer l.wg.Done()
-		ctx := context.Background()
-		rk, at := l.record(key)
-		resp, err := l.be.MetaGetOn(ctx, at, rk, "v", "c")
-		if err != nil || resp.Status != mcpool.StatusVA || string(resp.Value) != strconv.FormatUint(cas, 10) {
-			return
-		}
-		_, _ = l.be.MetaDeleteOn(ctx, at, rk, mcpool.DeleteOptions{CAS: resp.CAS})
-	}()
 }
 
 // record returns the memcached key of key's lease record,

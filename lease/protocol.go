@@ -2,10 +2,12 @@ package lease
 
 import (
 	"strconv"
+
+	"github.com/pgcache/pgcache/mckey"
 )
 
 // MaxKeyBytes is memcached's key length limit.
-const MaxKeyBytes = 250
+const MaxKeyBytes = mckey.MaxLen
 
 // maxSwallow bounds the data block the server reads and discards after a
 // refused storage line; beyond it the connection is closed instead, so a
@@ -427,21 +429,9 @@ func cutNoReply(args [][]byte) ([][]byte, bool) {
 	return args, false
 }
 
-// validKey reports whether k is a key memcached accepts: 1 to 250 bytes,
-// no space (the tokenizer splits on them), CR, LF or NUL. Other control
-// bytes are allowed, as memcached allows them (memcaslap uses them).
-func validKey(k []byte) bool {
-	if len(k) == 0 || len(k) > MaxKeyBytes {
-		return false
-	}
-	for _, c := range k {
-		switch c {
-		case ' ', '\r', '\n', 0:
-			return false
-		}
-	}
-	return true
-}
+// validKey reports whether k is a key memcached accepts: mckey.Valid, the
+// one definition the rules, the pool and the proxy share.
+func validKey(k []byte) bool { return mckey.Valid(k) }
 
 func validToken(b []byte) bool {
 	for _, c := range b {

@@ -216,6 +216,9 @@ type conn struct {
 	long []byte
 	// deadline is the read deadline set for the idle timeout.
 	deadline time.Time
+	// leases are the leases this connection's client got and has not
+	// filled (see bind), at most maxBindings.
+	leases map[string]binding
 }
 
 // nudge wakes a connection blocked reading its next command, so that it

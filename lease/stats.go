@@ -32,6 +32,8 @@ type Stats struct {
 	ForeignFills      uint64 // of those tried, fills checked against another proxy's lease record
 	RefusedFills      uint64 // fills refused: invalidated, expired, or not checkable
 	CheckFailures     uint64 // lease record lookups that failed (fill refused)
+	BrokenLeases      uint64 // leases won while an earlier lease of the key was still outstanding (its record marked broken)
+	RefusedBroken     uint64 // of the refused fills, sets refused because the key's record was broken
 
 	ProtocolErrors uint64 // bad command lines
 	BackendErrors  uint64 // pool requests that failed
@@ -45,6 +47,7 @@ type counters struct {
 	hits, misses                                                     atomic.Uint64
 	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
+	broken, refusedBroken                                            atomic.Uint64
 	protocolErrors, backendErrors                                    atomic.Uint64
 
 	// waitBuckets[i] counts waits of at most waitBounds[i]; the last one
@@ -96,6 +99,8 @@ func (c *counters) snapshot() Stats {
 		ForeignFills:      c.foreignFills.Load(),
 		RefusedFills:      c.refused.Load(),
 		CheckFailures:     c.checkFailed.Load(),
+		BrokenLeases:      c.broken.Load(),
+		RefusedBroken:     c.refusedBroken.Load(),
 		ProtocolErrors:    c.protocolErrors.Load(),
 		BackendErrors:     c.backendErrors.Load(),
 	}
@@ -128,6 +133,8 @@ func (s Stats) statLines() [][2]string {
 		{"lease_foreign_fills", u(s.ForeignFills)},
 		{"lease_refused_fills", u(s.RefusedFills)},
 		{"lease_check_failures", u(s.CheckFailures)},
+		{"lease_broken", u(s.BrokenLeases)},
+		{"lease_refused_broken", u(s.RefusedBroken)},
 		{"protocol_errors", u(s.ProtocolErrors)},
 		{"backend_errors", u(s.BackendErrors)},
 	}

@@ -27,6 +27,7 @@ type fileConfig struct {
 		Stale        bool          `yaml:"stale"`
 		PollMin      time.Duration `yaml:"poll_min"`
 		PollMax      time.Duration `yaml:"poll_max"`
+		Memory       time.Duration `yaml:"memory"`
 		MaxRecords   int           `yaml:"max_records"`
 		ForeignSet   string        `yaml:"foreign_set"`
 		RecordPrefix string        `yaml:"record_prefix"`
@@ -92,6 +93,7 @@ func defaults() fileConfig {
 	fc.Lease.TTL, fc.Lease.Wait, fc.Lease.Stale = lc.Lease.TTL, lc.Lease.Wait, lc.Lease.Stale
 	fc.Lease.PollMin, fc.Lease.PollMax = lc.Lease.PollMin, lc.Lease.PollMax
 	fc.Lease.MaxRecords, fc.Lease.ForeignSet, fc.Lease.RecordPrefix = lc.Lease.MaxRecords, lc.Lease.ForeignSet, lc.Lease.RecordPrefix
+	fc.Lease.Memory = lc.Lease.Memory
 	fc.Limits.MaxConns, fc.Limits.MaxValueBytes = lc.MaxConns, lc.MaxValueBytes
 	fc.Limits.MaxLineBytes, fc.Limits.MaxGetLineBytes, fc.Limits.IdleTimeout = lc.MaxLineBytes, lc.MaxGetLineBytes, lc.IdleTimeout
 	fc.FlushAll, fc.Version = lc.FlushAll, lc.Version
@@ -146,7 +148,7 @@ func (fc fileConfig) leaseConfig() lease.Config {
 	c.FlushAll, c.Version = fc.FlushAll, fc.Version
 	c.Lease = lease.LeaseConfig{
 		TTL: fc.Lease.TTL, Wait: fc.Lease.Wait, Stale: fc.Lease.Stale,
-		PollMin: fc.Lease.PollMin, PollMax: fc.Lease.PollMax, MaxRecords: fc.Lease.MaxRecords,
+		PollMin: fc.Lease.PollMin, PollMax: fc.Lease.PollMax, Memory: fc.Lease.Memory, MaxRecords: fc.Lease.MaxRecords,
 		ForeignSet: fc.Lease.ForeignSet, RecordPrefix: fc.Lease.RecordPrefix,
 	}
 	return c

@@ -1,0 +1,187 @@
+package lease
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+	"unsafe"
+)
+
+// TestLateFill: a client misses (it wins the lease), the key is
+// invalidated on its server as the purger does it (md, or md I T30), and
+// the client's fill arrives 5s later, after lease.ttl (2s), as a slow
+// query's would. The fill is refused and its value never served: on the
+// connection that got the lease, on another connection of the proxy, and
+// on another proxy; alone, and after a reader that came after the
+// invalidation won a new lease and filled it (its fresh value stays).
+func TestLateFill(t *testing.T) {
+	addrs, _ := memcachedAddrs(t, 2)
+	cfg := testConfig()
+	cfg.Lease.TTL = 2 * time.Second
+	cfg.Lease.Wait = 250 * time.Millisecond
+	cfg.Lease.Memory = time.Minute
+	p1, p2 := startProxy(t, cfg, addrs), startProxy(t, cfg, addrs)
+	const late = 5 * time.Second
+	if late <= cfg.Lease.TTL {
+		t.Fatal("the fill must come after lease.ttl")
+	}
+	invs := []invalidation{
+		{"md", func(p *proxy, key string) error { return p.Pool.Delete(context.Background(), key) }},
+		{"mdI-T30", func(p *proxy, key string) error { return p.Pool.MarkStale(context.Background(), key, 30*time.Second) }},
+	}
+	for _, inv := range invs {
+		for _, at := range []string{"same-connection", "other-connection", "other-proxy"} {
+			for _, between := range []bool{false, true} {
+				name := inv.name + "/" + at
+				if between {
+					name += "/after-a-new-lease-filled"
+				}
+				t.Run(name, func(t *testing.T) {
+					t.Parallel()
+					key := "late:" + name
+					a := dial(t, p1.Addr)
+					if _, ok := a.get1(key); ok {
+						t.Fatal("got a hit; want a miss that wins the lease")
+					}
+					start := time.Now()
+					// A reads the database (old row)... the commit's
+					// invalidation is applied...
+					if err := inv.run(p1, key); err != nil {
+						t.Fatalf("invalidate: %v", err)
+					}
+					want := "" // what a reader gets at the end: a miss
+					if between {
+						// ... a reader after the invalidation wins a new
+						// lease and fills with the new row ...
+						b := dial(t, p2.Addr)
+						if v, ok := b.get1(key); ok {
+							t.Fatalf("reader after the invalidation: got %q; want a miss", v)
+						}
+						if got := b.set(key, "new-row"); got != "STORED" {
+							t.Fatalf("fresh fill: got %q; want STORED", got)
+						}
+						want = "new-row"
+					}
+					// ... and A's fill arrives late.
+					time.Sleep(late - time.Since(start))
+					var setter *client
+					switch at {
+					case "same-connection":
+						setter = a
+					case "other-connection":
+						setter = dial(t, p1.Addr)
+					default:
+						setter = dial(t, p2.Addr)
+					}
+					if got := setter.set(key, "old-row"); got != "NOT_STORED" {
+						t.Fatalf("fill %s after the invalidation: got %q; want NOT_STORED", time.Since(start).Round(time.Millisecond), got)
+					}
+					for _, p := range []*proxy{p1, p2} {
+						v, _ := dial(t, p.Addr).get1(key)
+						if v != want {
+							t.Errorf("read at %s: got %q; want %q", p.Addr, v, want)
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// TestLateFillNoInvalidation: without an invalidation, the fill of a
+// lease on the connection that got it is stored however slow, within
+// lease.ttl, and a set that follows a fill is an ordinary write.
+func TestLateFillNoInvalidation(t *testing.T) {
+	addrs, _ := memcachedAddrs(t, 2)
+	cfg := testConfig()
+	p1, p2 := startProxy(t, cfg, addrs), startProxy(t, cfg, addrs)
+	for i, setAt := range []*proxy{p1, p2} {
+		key := fmt.Sprintf("late:none:%d", i)
+		a := dial(t, p1.Addr)
+		if _, ok := a.get1(key); ok {
+			t.Fatal("got a hit; want a miss")
+		}
+		c := a
+		if setAt == p2 {
+			c = dial(t, p2.Addr)
+		}
+		if got := c.set(key, "v1"); got != "STORED" {
+			t.Fatalf("fill: got %q; want STORED", got)
+		}
+		if got := dial(t, setAt.Addr).set(key, "v2"); got != "STORED" {
+			t.Fatalf("write after the fill: got %q; want STORED", got)
+		}
+		if v, _ := dial(t, p2.Addr).get1(key); v != "v2" {
+			t.Errorf("got %q; want %q", v, "v2")
+		}
+	}
+}
+
+// memcachedStat reads one figure of "stats" from the memcached at addr.
+func memcachedStat(t *testing.T, addr, name string) int64 {
+	t.Helper()
+	c := dial(t, addr)
+	c.send("stats\r\n")
+	var v int64 = -1
+	for {
+		l := c.line()
+		if l == "END" {
+			break
+		}
+		var k string
+		var n int64
+		if _, err := fmt.Sscanf(l, "STAT %s %d", &k, &n); err == nil && k == name {
+			v = n
+		}
+	}
+	if v < 0 {
+		t.Fatalf("memcached %s: no stat %q", addr, name)
+	}
+	return v
+}
+
+// TestLeaseMemoryCost measures what remembering leases costs: in
+// memcached, one record per key leased within Lease.Memory; in the
+// proxy, at most maxBindings leases per connection.
+func TestLeaseMemoryCost(t *testing.T) {
+	addrs, _ := memcachedAddrs(t, 1)
+	p := startProxy(t, testConfig(), addrs)
+	const n = 2000
+	before := memcachedStat(t, addrs[0], "bytes")
+	c := dial(t, p.Addr)
+	line := "get"
+	for i := range n {
+		line += fmt.Sprintf(" cost:%06d", i)
+		if (i+1)%100 == 0 {
+			if vs, err := c.get(line); err != nil || len(vs) != 0 {
+				t.Fatalf("get: got %d values, %v; want misses", len(vs), err)
+			}
+			line = "get"
+		}
+	}
+	if w := p.Stats().LeaseWins; w != n {
+		t.Fatalf("got %d lease wins; want %d", w, n)
+	}
+	perKey := float64(memcachedStat(t, addrs[0], "bytes")-before) / n
+	// Each lease leaves its empty item (until lease.ttl) and its record
+	// (until lease.memory) in memcached.
+	t.Logf("memcached: %.0f bytes per leased key (empty item and record, keys of 11 bytes)", perKey)
+	if perKey > 400 {
+		t.Errorf("got %.0f bytes per leased key in memcached; want at most 400", perKey)
+	}
+	// The proxy's side: one connection's bindings, at most maxBindings
+	// however many leases it gets.
+	cn := &conn{s: p.Server}
+	for i := range n {
+		cn.bind(fmt.Sprintf("cost:%06d", i), uint64(i+1))
+	}
+	if len(cn.leases) > maxBindings {
+		t.Errorf("a connection remembers %d leases; want at most %d", len(cn.leases), maxBindings)
+	}
+	// A map entry is the key's header and a binding, plus the key's bytes
+	// (at most 250) and the map's overhead (under 2x).
+	entry := int(unsafe.Sizeof("")+unsafe.Sizeof(binding{})) + MaxKeyBytes
+	t.Logf("proxy: %d leases kept of %d on one connection; at most %d x %d bytes x 2 = %d KiB per connection",
+		len(cn.leases), n, maxBindings, entry, maxBindings*entry*2>>10)
+}
