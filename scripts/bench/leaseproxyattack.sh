@@ -3,7 +3,8 @@
 # two attacks, in one run (issue 14, 3), on the same two memcached servers:
 #   multiget: one connection sends "get K K ... K", 1,500 names of one
 #             1,000,000-byte value (1.5 GB of replies), and reads nothing
-#             for 10 s; then it reads what is left for up to 10 s;
+#             for 10 s; then it reads what is left for up to 30 s;
+#   slowread: the same get, read at 1 MB/s for 10 s, then as above;
 #   declared: 1,000 connections each send "set kN 0 0 1000000" and none of
 #             the data, for 10 s.
 # Each attack gets a fresh proxy process (VmHWM, the kernel's peak RSS of a
@@ -14,7 +15,8 @@
 # attacker's connection(s) ended, and a probe client's gets during the
 # attack (is the proxy still serving others?).
 # Usage: scripts/bench/leaseproxyattack.sh [hold seconds, default 10]
-# Environment: LEASEPROXY_EXTRA (YAML lines appended to leaseproxy's config).
+# Environment: LEASEPROXY_EXTRA (YAML lines appended to leaseproxy's config),
+# LEASEPROXY_BIN (a built leaseproxy instead of ./cmd/leaseproxy's).
 set -euo pipefail
 HOLD=${1:-10}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -37,7 +39,8 @@ freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0
 waitport() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
 
 echo "building..." >&2
-(cd "$ROOT" && go build -o "$WORK/leaseproxy" ./cmd/leaseproxy && go build -o "$WORK/leaseproxyattack" ./scripts/bench/leaseproxyattack)
+(cd "$ROOT" && go build -o "$WORK/leaseproxyattack" ./scripts/bench/leaseproxyattack)
+if [ -n "${LEASEPROXY_BIN:-}" ]; then cp "$LEASEPROXY_BIN" "$WORK/leaseproxy"; else (cd "$ROOT" && go build -o "$WORK/leaseproxy" ./cmd/leaseproxy); fi
 
 M1=$(freeport); M2=$(freeport)
 for p in $M1 $M2; do
@@ -80,17 +83,21 @@ YML
 
 printf '%-11s %-9s %9s %8s %10s %9s %9s  %-46s %s\n' proxy attack "peak(MB)" "base(MB)" "sampled(MB)" "after(MB)" "heap(MB)" "attacker's connection(s)" "probe ok/fail/max ms"
 declare -A PEAK
-for attack in multiget declared; do
+for attack in multiget slowread declared; do
+	case $attack in
+	slowread) args=(-mode multiget -read 1000000) ;;
+	*) args=(-mode "$attack") ;;
+	esac
 	for proxy in leaseproxy nutcracker; do
 		"start_$proxy"
-		out=$("$WORK/leaseproxyattack" -mode "$attack" -name "$proxy" -addr "127.0.0.1:$PORT" -pid "$PID" -metrics "$METRICS" -hold "${HOLD}s")
+		out=$("$WORK/leaseproxyattack" "${args[@]}" -name "$proxy" -addr "127.0.0.1:$PORT" -pid "$PID" -metrics "$METRICS" -hold "${HOLD}s")
 		read -r name mode peak base sampled after heap detail ok fail pmax <<<"$out"
-		printf '%-11s %-9s %9s %8s %10s %9s %9s  %-46s %s/%s/%s\n' "$name" "$mode" "$peak" "$base" "$sampled" "$after" "$heap" "$detail" "$ok" "$fail" "$pmax"
+		printf '%-11s %-9s %9s %8s %10s %9s %9s  %-46s %s/%s/%s\n' "$name" "$attack" "$peak" "$base" "$sampled" "$after" "$heap" "$detail" "$ok" "$fail" "$pmax"
 		PEAK[$proxy.$attack]=$peak
 		kill "$PID"; wait "$PID" 2>/dev/null || true
 	done
 done
-for attack in multiget declared; do
+for attack in multiget slowread declared; do
 	awk -v a="$attack" -v l="${PEAK[leaseproxy.$attack]}" -v n="${PEAK[nutcracker.$attack]}" \
 		'BEGIN { printf "%s: peak RSS leaseproxy/nutcracker %.2fx (%d MB against %d MB)\n", a, l/n, l, n }'
 done

@@ -61,7 +61,7 @@ func main() {
 	flag.IntVar(&o.names, "names", 1500, "multiget: names of the key on the get line")
 	flag.IntVar(&o.size, "size", 1000000, "multiget: the value's size in bytes")
 	flag.IntVar(&o.readRate, "read", 0, "multiget: bytes per second the client reads during -hold; 0: none")
-	flag.DurationVar(&o.drain, "drain", 10*time.Second, "multiget: after -hold, read what is left for at most this long")
+	flag.DurationVar(&o.drain, "drain", 30*time.Second, "multiget: after -hold, read what is left for at most this long")
 	flag.IntVar(&o.conns, "conns", 1000, "declared: connections")
 	flag.IntVar(&o.declare, "declare", 1000000, "declared: the value length each set declares")
 	flag.DurationVar(&o.hold, "hold", 10*time.Second, "how long the attack lasts")
