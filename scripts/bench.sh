@@ -10,8 +10,8 @@ go test -run '^$' -bench . -benchmem -count 1 ./keys/ ./wal/ ./mcpool/
 echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS"
 go test -run '^$' -bench . -benchtime 1x -timeout 30m ./bench/
 echo "== counters (issue 5): deltas absorbed by the batcher, and the batcher vs one UPDATE per event at the same rate"
-go test -run '^$' -bench Absorb -benchtime 1000000x ./batcher/
-go test -run '^$' -bench VersusNaive -benchtime 30000x ./batcher/
+go test -run '^$' -bench Absorb -benchtime 1000000x ./counterstore/
+go test -run '^$' -bench VersusNaive -benchtime 30000x ./counterstore/
 echo "== leaseproxy vs memcached direct vs nutcracker (memcaslap, own load generator, herd)"
 # 5 rounds of 5 s per target, taking turns (see the script).
 bash scripts/bench/leaseproxy.sh "${BENCH_SECONDS:-5}" 10,100,1000,10000 "${BENCH_ROUNDS:-5}"

@@ -1,21 +1,24 @@
 // Package wal tails a Postgres primary's logical replication slot: it sets
 // up the publication and the pgoutput slot, decodes committed transactions
 // into row.Change values and logical messages, hands them to a Handler in
-// WAL order, and reports back to the server only the positions the caller
-// confirmed. It leaves key rendering to keys, transport to bus and cache
-// deletes to purge.
+// WAL order with an acknowledgement (Ack) each, and is the only code that
+// confirms a position to the server. It leaves key rendering to keys,
+// transport to bus and cache deletes to purge.
 //
 // # Positions
 //
-// The slot's confirmed position (confirmed_flush_lsn) only moves when the
-// caller calls Stream.Confirm with the end LSN of a transaction it has
-// durably handed off (invariant I1), with one exception that keeps an idle
-// or fully filtered database from retaining WAL (invariant I5): when no
-// transaction is open and everything delivered to the Handler has been
-// confirmed, Run moves the confirmed position to the server's WAL end
-// reported by a keepalive, or past a logical message whose prefix is
-// filtered out. Everything before that point has been decoded and either
-// delivered and confirmed, or was not published.
+// The slot's confirmed position (confirmed_flush_lsn) moves to the end of
+// a transaction only when every part of its Ack, and of every transaction
+// delivered before it, is done: whoever takes a transaction (the
+// publisher, the batcher) does its part once its data is durable
+// (invariant I1). Two more moves keep an idle or fully filtered database
+// from retaining WAL (invariant I5): when no transaction is open and
+// every delivered one is acknowledged, Run moves the confirmed position to
+// the server's WAL end reported by a keepalive, or past a logical message
+// whose prefix is filtered out. Everything before that point has been
+// decoded and either acknowledged, or was not published. Drain, the soft
+// stop, waits for the outstanding Acks and moves the slot to the last
+// confirmed position with SQL.
 //
 // # Delivery
 //

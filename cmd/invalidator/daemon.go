@@ -6,14 +6,10 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -57,16 +53,17 @@ func newDaemon(cfg *Config, rules *keys.Set, log *zap.Logger, notify *sdnotify.N
 // confirm what was read, finish purging what was received) or hard ends
 // (stop at once; anything unfinished is redone after restart).
 func (d *daemon) Run(soft, hard context.Context) error {
-	nc, shutdownNATS, err := d.connectNATS(hard)
+	n := d.cfg.NATS
+	conn, err := bus.Connect(bus.ConnConfig{URL: n.URL, DataDir: n.DataDir, Name: "invalidator-" + d.cfg.DC,
+		Creds: n.Creds, NKey: n.NKey, CA: n.TLS.CA, Cert: n.TLS.Cert, Key: n.TLS.Key}, d.log.Named("nats"))
+	if errors.Is(err, bus.ErrConnConfig) {
+		return fmt.Errorf("%w: nats: %w", ErrConfig, err)
+	}
 	if err != nil {
 		return err
 	}
-	defer shutdownNATS()
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return fmt.Errorf("jetstream: %w", err)
-	}
+	defer conn.Close()
+	js := conn.JetStream()
 
 	g, gctx := errgroup.WithContext(hard)
 	// A failing component stops the others softly too.
@@ -89,7 +86,7 @@ func (d *daemon) Run(soft, hard context.Context) error {
 		}
 	}
 	if d.cfg.Tail {
-		if err := d.runTail(soft, gctx, g, js); err != nil {
+		if err := d.runTail(soft, gctx, g, conn); err != nil {
 			return err
 		}
 	}
@@ -103,77 +100,6 @@ func (d *daemon) Run(soft, hard context.Context) error {
 	err = g.Wait()
 	d.ready.Store(false)
 	return err
-}
-
-// connectNATS connects to nats.url, or starts an embedded single-node
-// server when it is empty.
-func (d *daemon) connectNATS(ctx context.Context) (*nats.Conn, func(), error) {
-	url := d.cfg.NATS.URL
-	stop := func() {}
-	if url == "" {
-		o := &server.Options{
-			ServerName: "invalidator-" + d.cfg.DC,
-			Host:       "127.0.0.1",
-			Port:       server.RANDOM_PORT,
-			JetStream:  true,
-			StoreDir:   filepath.Join(d.cfg.NATS.DataDir, "nats"),
-			NoSigs:     true,
-			NoLog:      true,
-		}
-		s, err := server.NewServer(o)
-		if err != nil {
-			return nil, nil, fmt.Errorf("embedded nats: %w", err)
-		}
-		s.Start()
-		if !s.ReadyForConnections(10 * time.Second) {
-			s.Shutdown()
-			return nil, nil, errors.New("embedded nats: not ready")
-		}
-		url = s.ClientURL()
-		stop = func() { s.Shutdown(); s.WaitForShutdown() }
-		d.log.Info("embedded NATS server started", zap.String("store", o.StoreDir))
-	}
-	log := d.log.Named("nats")
-	auth, err := natsAuth(d.cfg.NATS)
-	if err != nil {
-		stop()
-		return nil, nil, err
-	}
-	nc, err := nats.Connect(url, append(auth,
-		nats.Name("invalidator-"+d.cfg.DC),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(250*time.Millisecond),
-		nats.RetryOnFailedConnect(true),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { log.Warn("disconnected", zap.Error(err)) }),
-		nats.ReconnectHandler(func(*nats.Conn) { log.Info("reconnected") }),
-	)...)
-	if err != nil {
-		stop()
-		return nil, nil, fmt.Errorf("connect to nats: %w", err)
-	}
-	return nc, stop, nil
-}
-
-// natsAuth turns nats.creds, nats.nkey and nats.tls into options.
-func natsAuth(c NATSConfig) ([]nats.Option, error) {
-	var opts []nats.Option
-	if c.Creds != "" {
-		opts = append(opts, nats.UserCredentials(c.Creds))
-	}
-	if c.NKey != "" {
-		o, err := nats.NkeyOptionFromSeed(c.NKey)
-		if err != nil {
-			return nil, fmt.Errorf("%w: nats.nkey: %w", ErrConfig, err)
-		}
-		opts = append(opts, o)
-	}
-	if c.TLS.CA != "" {
-		opts = append(opts, nats.RootCAs(c.TLS.CA))
-	}
-	if c.TLS.Cert != "" {
-		opts = append(opts, nats.ClientCert(c.TLS.Cert, c.TLS.Key))
-	}
-	return opts, nil
 }
 
 func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
@@ -208,14 +134,14 @@ func (d *daemon) serveHTTP(g *errgroup.Group) (*http.Server, error) {
 // runTail runs the tail role: it holds the slot (or waits as a hot
 // standby), publishes keys and flushes counter deltas; wal confirms what
 // is durable. On soft stop the role drains; on hard stop it stops at once.
-func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, js jetstream.JetStream) error {
+func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, conn *bus.Conn) error {
 	rules := d.currentRules()
 	sctx, cancel := context.WithTimeout(hard, 30*time.Second)
 	defer cancel()
 	if err := Verify(sctx, d.cfg, rules); err != nil {
 		return err
 	}
-	role, err := tail.New(d.tailConfig(rules), rules, js, d.reg, d.log.Named("tail"))
+	role, err := tail.New(d.tailConfig(rules), rules, conn.JetStream(), d.reg, d.log.Named("tail"))
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
