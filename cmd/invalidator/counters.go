@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/counterstore"
 )
 
@@ -29,12 +30,12 @@ func runRepair(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
-	cfg, _, err := LoadConfig(*path)
+	cfg, _, err := config.Load(*path)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return exitConfig
 	}
-	c := cfg.counters.Counter(*name)
+	c := cfg.CounterSet.Counter(*name)
 	if c == nil {
 		fmt.Fprintf(stderr, "%v: no counter %q in %s\n", ErrConfig, *name, *path)
 		return exitConfig

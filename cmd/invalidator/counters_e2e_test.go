@@ -19,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/mcpool"
 	"github.com/pgcache/pgcache/testenv"
 )
@@ -600,7 +601,7 @@ counters:
   - {name: post_likes, table: public.likes, group_by: [post_id], key: "post:{post_id}:likes"}
   - {name: bad, table: public.likes, group_by: [nosuch], key: "bad:{nosuch}"}
 `, env.Primary.DSN(""))
-	cfg, rules, err := ParseConfig([]byte(cfgText))
+	cfg, rules, err := config.Parse([]byte(cfgText))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -617,7 +618,7 @@ counters:
 	}
 	good := strings.Replace(cfgText, `  - {name: bad, table: public.likes, group_by: [nosuch], key: "bad:{nosuch}"}
 `, "", 1)
-	cfg, rules, err = ParseConfig([]byte(good))
+	cfg, rules, err = config.Parse([]byte(good))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -654,11 +655,11 @@ func TestExampleCounters(t *testing.T) {
 	if on == 0 {
 		t.Fatal("no commented counters example found")
 	}
-	cfg, _, err := ParseConfig([]byte(b.String()))
+	cfg, _, err := config.Parse([]byte(b.String()))
 	if err != nil {
 		t.Fatalf("example with counters: %v", err)
 	}
-	if got := cfg.counters.Names(); fmt.Sprint(got) != "[post_likes post_views]" {
+	if got := cfg.CounterSet.Names(); fmt.Sprint(got) != "[post_likes post_views]" {
 		t.Errorf("counters: got %v; want [post_likes post_views]", got)
 	}
 }
@@ -675,17 +676,17 @@ func TestParseCounterConfig(t *testing.T) {
 		{"reserved prefix", base + "messages: {prefix: pgcache_counters_repair}\n" + ctr, "reserved"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := ParseConfig([]byte(tc.yaml))
+			_, _, err := config.Parse([]byte(tc.yaml))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v; want an error containing %q", err, tc.want)
 			}
 		})
 	}
-	cfg, _, err := ParseConfig([]byte(base + "messages: {prefix: invalidate}\n" + ctr + "batcher: {max_pending: 50, interval: 10ms}\n"))
+	cfg, _, err := config.Parse([]byte(base + "messages: {prefix: invalidate}\n" + ctr + "batcher: {max_pending: 50, interval: 10ms}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.counters.Len() != 1 || cfg.Batcher.MaxPending != 50 || cfg.Increments.Stream != "COUNTERS" {
-		t.Errorf("got %d counters, max_pending %d, stream %q; want 1, 50, COUNTERS", cfg.counters.Len(), cfg.Batcher.MaxPending, cfg.Increments.Stream)
+	if cfg.CounterSet.Len() != 1 || cfg.Batcher.MaxPending != 50 || cfg.Increments.Stream != "COUNTERS" {
+		t.Errorf("got %d counters, max_pending %d, stream %q; want 1, 50, COUNTERS", cfg.CounterSet.Len(), cfg.Batcher.MaxPending, cfg.Increments.Stream)
 	}
 }

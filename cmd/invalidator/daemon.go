@@ -18,6 +18,7 @@ import (
 
 	"github.com/pgcache/pgcache/batcher"
 	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/counterstore"
 	"github.com/pgcache/pgcache/keys"
@@ -30,7 +31,7 @@ var errSlotGone = wal.ErrSlotGone
 
 // daemon is one invalidator process: the tail role, the purge role, or both.
 type daemon struct {
-	cfg     *Config
+	cfg     *config.Config
 	log     *zap.Logger
 	reg     *prometheus.Registry
 	notify  *sdnotify.Notifier // systemd; a no-op outside it
@@ -43,7 +44,7 @@ type daemon struct {
 	ready atomic.Bool
 }
 
-func newDaemon(cfg *Config, rules *keys.Set, log *zap.Logger, notify *sdnotify.Notifier) (*daemon, error) {
+func newDaemon(cfg *config.Config, rules *keys.Set, log *zap.Logger, notify *sdnotify.Notifier) (*daemon, error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return &daemon{cfg: cfg, rules: rules, log: log, reg: reg, notify: notify, reloads: newReloadMetrics(reg)}, nil
@@ -169,14 +170,14 @@ func (d *daemon) runTail(soft, hard context.Context, g *errgroup.Group, conn *bu
 // tailConfig turns the config file into the tail role's Config.
 func (d *daemon) tailConfig(rules *keys.Set) tail.Config {
 	c := d.cfg
-	tc := tail.Config{WAL: wal.DefaultConfig(), Publisher: bus.DefaultPublisherConfig(), Counters: c.counters}
+	tc := tail.Config{WAL: wal.DefaultConfig(), Publisher: bus.DefaultPublisherConfig(), Counters: c.CounterSet}
 	tc.WAL.DSN, tc.WAL.Slot, tc.WAL.Publication = c.Postgres.DSN, c.Postgres.Slot, c.Postgres.Publication
-	tc.WAL.Tables = tailTables(c, rules)
+	tc.WAL.Tables = tail.Tables(rules, c.CounterSet)
 	tc.WAL.MessagePrefixes = nil
 	if c.Messages.Prefix != "" {
 		tc.WAL.MessagePrefixes = []string{c.Messages.Prefix}
 	}
-	if c.counters.Len() > 0 {
+	if c.CounterSet.Len() > 0 {
 		tc.WAL.MessagePrefixes = append(tc.WAL.MessagePrefixes, counters.RepairPrefix)
 	}
 	tc.Publisher.Origin = c.DC

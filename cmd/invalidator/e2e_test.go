@@ -15,6 +15,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/mcpool"
 	"github.com/pgcache/pgcache/testenv"
 )
@@ -492,7 +493,7 @@ rules:
   - {table: public.posts, keys: ["p:{nosuch}"]}
 purge: {servers: ["127.0.0.1:1"]}
 `, env.Primary.DSN(""))
-	cfg, rules, err := ParseConfig([]byte(cfgText))
+	cfg, rules, err := config.Parse([]byte(cfgText))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -533,7 +534,7 @@ purge: {servers: ["127.0.0.1:1"]}
 	good := strings.Replace(strings.Replace(cfgText, `  - {table: public.absent, keys: ["x:{id}"]}
 `, "", 1), `  - {table: public.posts, keys: ["p:{nosuch}"]}
 `, "", 1)
-	cfg, rules, err = ParseConfig([]byte(good))
+	cfg, rules, err = config.Parse([]byte(good))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -553,7 +554,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"counters", "dc: dc1\npurge: {servers: [a:1]}\ncounters: [{name: x}]\n", "counters"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, _, err := ParseConfig([]byte(tc.yaml))
+			_, _, err := config.Parse([]byte(tc.yaml))
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("got %v; want an error containing %q", err, tc.want)
 			}

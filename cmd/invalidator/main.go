@@ -22,10 +22,14 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/sdnotify"
 )
 
 // Exit codes.
+// ErrConfig wraps every configuration error (ErrConfig).
+var ErrConfig = config.ErrConfig
+
 const (
 	exitOK       = 0
 	exitError    = 1 // runtime failure (systemd restarts it)
@@ -53,7 +57,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return exitConfig
 	}
-	cfg, rules, err := LoadConfig(*path)
+	cfg, rules, err := config.Load(*path)
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return exitConfig

@@ -12,7 +12,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/pgcache/pgcache/config"
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/tail"
 )
 
 // ErrReload is a config reload (SIGHUP) that was refused; the running
@@ -57,14 +59,14 @@ func (d *daemon) Reload(ctx context.Context, path string) error {
 }
 
 func (d *daemon) reload(ctx context.Context, path string) error {
-	cfg, rules, err := LoadConfig(path)
+	cfg, rules, err := config.Load(path)
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrReload, err)
 	}
 	if changed := restartOnly(d.cfg, cfg); len(changed) > 0 {
 		return fmt.Errorf("%w: %s changed; a reload applies rules only: restart to apply", ErrReload, strings.Join(changed, ", "))
 	}
-	if old, now := tailTables(d.cfg, d.currentRules()), tailTables(cfg, rules); !slices.Equal(old, now) {
+	if old, now := tail.Tables(d.currentRules(), d.cfg.CounterSet), tail.Tables(rules, cfg.CounterSet); !slices.Equal(old, now) {
 		return fmt.Errorf("%w: the rule tables changed (%s to %s); the publication and the stream filter follow them at start: restart to apply",
 			ErrReload, strings.Join(old, ","), strings.Join(now, ","))
 	}
@@ -94,7 +96,7 @@ func (d *daemon) currentRules() *keys.Set {
 
 // restartOnly names the sections that differ between the running and the
 // new config, other than the rules.
-func restartOnly(old, new *Config) []string {
+func restartOnly(old, new *config.Config) []string {
 	var out []string
 	for _, f := range []struct {
 		name string

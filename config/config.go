@@ -1,4 +1,8 @@
-package main
+// Package config is the invalidator's config file: its YAML schema, the
+// ${VAR} expansion for secrets, defaults and validation (every problem
+// reported at once, with the rules and counters compiled). It leaves
+// turning the file into each package's Config to cmd/invalidator.
+package config
 
 import (
 	"bytes"
@@ -37,7 +41,7 @@ type Config struct {
 	Increments IncrementsConfig `yaml:"increments"`
 	HTTP       HTTPConfig       `yaml:"http"`
 
-	counters *counters.Set // compiled by Validate
+	CounterSet *counters.Set `yaml:"-"` // compiled by Validate
 }
 
 // BatcherConfig is the batcher: section.
@@ -112,17 +116,17 @@ type HTTPConfig struct {
 // ErrConfig wraps every configuration error.
 var ErrConfig = errors.New("invalidator: bad config")
 
-// LoadConfig reads and validates a config file. Unknown fields are errors,
+// Load reads and validates a config file. Unknown fields are errors,
 // so a misspelt key never silently does nothing. ${NAME} anywhere in the
 // file is replaced by the environment variable NAME (an unset one is an
 // error), so that secrets (a DSN's password, a NATS password) can live in
 // the unit's EnvironmentFile instead of the file.
-func LoadConfig(path string) (*Config, *keys.Set, error) {
+func Load(path string) (*Config, *keys.Set, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrConfig, err)
 	}
-	return ParseConfig(data)
+	return Parse(data)
 }
 
 var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
@@ -144,9 +148,9 @@ func expandEnv(data []byte) ([]byte, error) {
 	return out, nil
 }
 
-// ParseConfig expands ${NAME} references, then parses, defaults and
+// Parse expands ${NAME} references, then parses, defaults and
 // validates a config.
-func ParseConfig(data []byte) (*Config, *keys.Set, error) {
+func Parse(data []byte) (*Config, *keys.Set, error) {
 	data, err := expandEnv(data)
 	if err != nil {
 		return nil, nil, err
@@ -249,7 +253,7 @@ func (c *Config) Validate() (*keys.Set, error) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("counters: %w", err))
 		}
-		c.counters = set
+		c.CounterSet = set
 		if !c.Tail {
 			bad("counters: need tail: true (the batcher runs with the tail role)")
 		}
