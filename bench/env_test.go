@@ -6,17 +6,16 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"go.uber.org/zap"
 
 	"github.com/pgcache/pgcache/testenv"
 )
@@ -80,12 +79,12 @@ func env(b *testing.B) *testenv.Env {
 		if shared.err != nil {
 			return
 		}
-		shared.bin = filepath.Join(shared.dir, "invalidator")
-		out, err := exec.Command("go", "build", "-o", shared.bin, "github.com/pgcache/pgcache/cmd/invalidator").CombinedOutput()
+		bins, err := testenv.BuildBinaries(ctx, shared.dir)
 		if err != nil {
-			shared.err = fmt.Errorf("build invalidator: %w\n%s", err, out)
+			shared.err = err
 			return
 		}
+		shared.bin = bins.Invalidator
 		// Other test packages may take a picked port first: retry once,
 		// as testenv.New does.
 		for attempt := 0; attempt < 2; attempt++ {
@@ -111,15 +110,14 @@ func env(b *testing.B) *testenv.Env {
 	return shared.env
 }
 
-// invalidator is one invalidator process run by a benchmark.
+// invalidator is one invalidator process run by a benchmark, through
+// testenv's process runner.
 type invalidator struct {
+	*testenv.Daemon
 	b       *testing.B
 	name    string
-	cmd     *exec.Cmd
 	port    int
-	log     string
 	started time.Time
-	done    chan struct{}
 }
 
 // invalidatorConfig is a config for dc. tail makes it hold slot; purge
@@ -141,36 +139,18 @@ func startInvalidator(b *testing.B, name, config string) *invalidator {
 		b.Fatal(err)
 	}
 	config = strings.Replace(config, "127.0.0.1:0\"", fmt.Sprintf("127.0.0.1:%d\"", port), 1)
-	dir := b.TempDir()
-	path := filepath.Join(dir, "invalidator.yaml")
-	if err := os.WriteFile(path, []byte(config), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	p := &invalidator{b: b, name: name, port: port, log: filepath.Join(dir, "invalidator.log"), done: make(chan struct{})}
-	f, err := os.Create(p.log)
+	d, err := testenv.NewDaemon(name, shared.bin, b.TempDir(), config, port, zap.NewNop())
 	if err != nil {
 		b.Fatal(err)
 	}
-	p.cmd = exec.Command(shared.bin, "-config", path)
-	p.cmd.Stdout, p.cmd.Stderr = f, f
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	p.started = time.Now()
-	if err := p.cmd.Start(); err != nil {
+	p := &invalidator{Daemon: d, b: b, name: name, port: port, started: time.Now()}
+	if err := d.Start(); err != nil {
 		b.Fatal(err)
 	}
-	go func() {
-		_ = p.cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
 	b.Cleanup(func() {
 		p.stop()
 		if b.Failed() {
-			log, _ := os.ReadFile(p.log)
-			if len(log) > 6<<10 {
-				log = log[len(log)-6<<10:]
-			}
-			b.Logf("=== %s log (last 6 KB) ===\n%s", p.name, log)
+			b.Logf("=== %s log (last 6 KB) ===\n%s", p.name, d.LogTail(6<<10))
 		}
 	})
 	return p
@@ -196,36 +176,24 @@ func peakRSS(pid int) int64 {
 // stop drains the process with SIGTERM and returns its peak RSS in bytes,
 // read just before the signal.
 func (p *invalidator) stop() int64 {
-	var rss int64
-	select {
-	case <-p.done:
-	default:
-		rss = peakRSS(p.cmd.Process.Pid)
-		p.dumpMetrics()
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(30 * time.Second):
-			_ = p.cmd.Process.Kill()
-			<-p.done
-			p.b.Errorf("%s did not drain within 30 s", p.name)
-		}
+	pid := p.PID()
+	if pid == 0 {
+		return 0
+	}
+	rss := peakRSS(pid)
+	p.dumpMetrics()
+	if err := p.Stop(); err != nil {
+		p.b.Errorf("%s did not drain: %v", p.name, err)
 	}
 	return rss
 }
 
-// failed reports the process's log when it exited early.
+// exited reports the process's log when it exited early.
 func (p *invalidator) exited() error {
-	select {
-	case <-p.done:
-		b, _ := os.ReadFile(p.log)
-		if len(b) > 4096 {
-			b = b[len(b)-4096:]
-		}
-		return fmt.Errorf("%s exited early (%v):\n%s", p.name, p.cmd.ProcessState, b)
-	default:
+	if p.Running() {
 		return nil
 	}
+	return fmt.Errorf("%s exited early (code %d):\n%s", p.name, p.ExitCode(), p.LogTail(4096))
 }
 
 // dumpMetrics saves the process's /metrics page under BENCH_METRICS_DIR,

@@ -18,19 +18,19 @@ import (
 // bins builds the daemons once per test binary.
 var bins struct {
 	once sync.Once
-	b    Binaries
+	b    testenv.Binaries
 	err  error
 	dir  string
 }
 
-func buildBinaries(t *testing.T) Binaries {
+func buildBinaries(t *testing.T) testenv.Binaries {
 	t.Helper()
 	bins.once.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		bins.dir, bins.err = makeTemp()
 		if bins.err == nil {
-			bins.b, bins.err = BuildBinaries(ctx, bins.dir)
+			bins.b, bins.err = testenv.BuildBinaries(ctx, bins.dir)
 		}
 	})
 	if bins.err != nil {

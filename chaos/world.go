@@ -51,7 +51,7 @@ func WorkloadRules() []Rule {
 
 // WorldConfig says how to run the daemons over an environment.
 type WorldConfig struct {
-	Bins Binaries
+	Bins testenv.Binaries
 	// Dir holds the daemons' configs and logs.
 	Dir string
 	// Items is the number of rows items starts with; default 300.
@@ -78,11 +78,11 @@ type World struct {
 	// Links are the links in front of each DC's memcached, in order.
 	Links map[string][]*testenv.Link
 	// Tails are the tail-capable invalidators: "dc1" and "dc2-standby".
-	Tails []*Proc
+	Tails []*testenv.Daemon
 	// Purgers are the purging invalidators by DC (dc1's also tails).
-	Purgers map[string]*Proc
+	Purgers map[string]*testenv.Daemon
 	// Proxies are the leaseproxies by DC, ProxyAddr their listeners.
-	Proxies   map[string]*Proc
+	Proxies   map[string]*testenv.Daemon
 	ProxyAddr map[string]string
 	// CountersOn says whether the likes counter runs; CountersNote why not.
 	CountersOn   bool
@@ -90,7 +90,7 @@ type World struct {
 
 	pools  map[string]*mcpool.Pool   // through the links, hashed as the purger
 	direct map[string][]*mcpool.Pool // one per memcached, bypassing links
-	procs  []*Proc
+	procs  []*testenv.Daemon
 	decoy  *testenv.Memcached
 	maxID  int64 // highest item id any workload may have written
 
@@ -109,8 +109,8 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 	if len(env.DCs) < 2 {
 		return nil, fmt.Errorf("%w: the world needs two datacenters", ErrConfig)
 	}
-	w := &World{Env: env, cfg: cfg, log: log, Links: map[string][]*testenv.Link{}, Purgers: map[string]*Proc{},
-		Proxies: map[string]*Proc{}, ProxyAddr: map[string]string{}, pools: map[string]*mcpool.Pool{}, direct: map[string][]*mcpool.Pool{}}
+	w := &World{Env: env, cfg: cfg, log: log, Links: map[string][]*testenv.Link{}, Purgers: map[string]*testenv.Daemon{},
+		Proxies: map[string]*testenv.Daemon{}, ProxyAddr: map[string]string{}, pools: map[string]*mcpool.Pool{}, direct: map[string][]*mcpool.Pool{}}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -160,10 +160,11 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 	}
 	// Invalidators.
 	dc1, dc2 := env.DCs[0], env.DCs[1]
-	add := func(p *Proc, err error) (*Proc, error) {
+	add := func(p *testenv.Daemon, err error) (*testenv.Daemon, error) {
 		if err != nil {
 			return nil, err
 		}
+		p.Supervise = true // as systemd's Restart=on-failure
 		w.procs = append(w.procs, p)
 		return p, p.Start()
 	}
@@ -171,7 +172,7 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 	if err != nil {
 		return nil, err
 	}
-	p, err := add(newProc("invalidator-dc1", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc1, true, true, port), port, log, "-drain-timeout", "20s"))
+	p, err := add(testenv.NewDaemon("invalidator-dc1", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc1, true, true, port), port, log, "-drain-timeout", "20s"))
 	if err != nil {
 		return nil, err
 	}
@@ -180,14 +181,14 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 	if port, err = testenv.FreePort(); err != nil {
 		return nil, err
 	}
-	if p, err = add(newProc("invalidator-dc2", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc2, false, true, port), port, log, "-drain-timeout", "20s")); err != nil {
+	if p, err = add(testenv.NewDaemon("invalidator-dc2", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc2, false, true, port), port, log, "-drain-timeout", "20s")); err != nil {
 		return nil, err
 	}
 	w.Purgers[dc2.Name] = p
 	if port, err = testenv.FreePort(); err != nil {
 		return nil, err
 	}
-	if p, err = add(newProc("invalidator-dc2-standby", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc2, true, false, port), port, log, "-drain-timeout", "20s")); err != nil {
+	if p, err = add(testenv.NewDaemon("invalidator-dc2-standby", cfg.Bins.Invalidator, cfg.Dir, w.invalidatorConfig(dc2, true, false, port), port, log, "-drain-timeout", "20s")); err != nil {
 		return nil, err
 	}
 	w.Tails = append(w.Tails, p)
@@ -208,7 +209,7 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 		}
 		conf := fmt.Sprintf("listen: %s\nservers: [%s]\nhash: ketama\nlease: {ttl: 2s, wait: 250ms}\nhttp: {listen: \"127.0.0.1:%d\"}\nlog: {level: warn}\n",
 			addr, strings.Join(servers, ", "), hport)
-		p, err := add(newProc("leaseproxy-"+dc.Name, cfg.Bins.Leaseproxy, cfg.Dir, conf, hport, log))
+		p, err := add(testenv.NewDaemon("leaseproxy-"+dc.Name, cfg.Bins.Leaseproxy, cfg.Dir, conf, hport, log))
 		if err != nil {
 			return nil, err
 		}
@@ -405,7 +406,7 @@ func (w *World) Exits() (int, string) {
 }
 
 // ActiveTail returns the invalidator that holds the slot, or nil.
-func (w *World) ActiveTail(ctx context.Context) *Proc {
+func (w *World) ActiveTail(ctx context.Context) *testenv.Daemon {
 	for _, p := range w.Tails {
 		if v, err := p.Metric(ctx, "invalidator_slot_active"); err == nil && v == 1 {
 			return p

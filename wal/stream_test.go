@@ -185,17 +185,11 @@ func (c *collector) events() []event {
 	return slices.Clone(c.rec.events)
 }
 
-// waitFor polls cond until it holds; it fails the test after a minute. The
-// limit only bounds a hang: nothing here asserts a duration.
+// waitFor waits for cond up to a minute: the limit only bounds a hang,
+// nothing here asserts a duration.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testenv.Eventually(t, time.Minute, what, cond)
 }
 
 // commits returns the Commit events' TxInfo.

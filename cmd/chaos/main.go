@@ -100,12 +100,12 @@ func runScenarios(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return exitFail
 	}
 	defer os.RemoveAll(dir)
-	var bins chaos.Binaries
+	var bins testenv.Binaries
 	if *binDir != "" {
-		bins = chaos.Binaries{Invalidator: filepath.Join(*binDir, "invalidator"), Leaseproxy: filepath.Join(*binDir, "leaseproxy")}
+		bins = testenv.Binaries{Invalidator: filepath.Join(*binDir, "invalidator"), Leaseproxy: filepath.Join(*binDir, "leaseproxy")}
 	} else {
 		log.Info("building invalidator and leaseproxy")
-		if bins, err = chaos.BuildBinaries(ctx, dir); err != nil {
+		if bins, err = testenv.BuildBinaries(ctx, dir); err != nil {
 			fmt.Fprintln(stderr, err)
 			return exitFail
 		}

@@ -107,7 +107,7 @@ func TestCheckAgainstDeployment(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	bins, err := chaos.BuildBinaries(ctx, dir)
+	bins, err := testenv.BuildBinaries(ctx, dir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -539,10 +539,8 @@ func TestCountersEndToEnd(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		select {
-		case <-standby.done:
-			t.Fatalf("the standby exited (code %d) after taking over; want it running", standby.code)
-		default:
+		if !standby.Running() {
+			t.Fatalf("the standby exited (code %d) after taking over; want it running", standby.ExitCode())
 		}
 		w.inv = standby
 	})

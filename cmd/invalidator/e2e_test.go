@@ -5,14 +5,13 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
 	"github.com/pgcache/pgcache/config"
@@ -30,85 +29,48 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// proc is one invalidator process.
+// proc is one invalidator process: this test binary run as the daemon
+// (TestMain), through testenv's process runner.
 type proc struct {
-	t    *testing.T
-	name string
-	cfg  string
-	log  string
-	cmd  *exec.Cmd
-	done chan struct{}
-	code int
+	*testenv.Daemon
+	t *testing.T
 }
 
 func startInvalidator(t *testing.T, name, config string) *proc {
 	t.Helper()
-	dir := t.TempDir()
-	p := &proc{t: t, name: name, cfg: filepath.Join(dir, "invalidator.yaml"), log: filepath.Join(dir, "invalidator.log")}
-	if err := os.WriteFile(p.cfg, []byte(config), 0o600); err != nil {
+	d, err := testenv.NewDaemon(name, os.Args[0], t.TempDir(), config, 0, zap.NewNop(), "-drain-timeout", "20s", "-log-level", "debug")
+	if err != nil {
 		t.Fatal(err)
 	}
+	d.Env = []string{"INVALIDATOR_MAIN=1"}
+	p := &proc{Daemon: d, t: t}
 	p.start()
 	t.Cleanup(func() {
 		p.kill()
 		if t.Failed() {
-			b, _ := os.ReadFile(p.log)
-			t.Logf("=== %s log (last 6 KB) ===\n%s", p.name, tailBytes(b, 6<<10))
+			t.Logf("=== %s log (last 6 KB) ===\n%s", name, d.LogTail(6<<10))
 		}
 	})
 	return p
 }
 
-func tailBytes(b []byte, n int) []byte {
-	if len(b) > n {
-		return b[len(b)-n:]
-	}
-	return b
-}
-
 func (p *proc) start() {
 	p.t.Helper()
-	f, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
+	if err := p.Start(); err != nil {
 		p.t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-config", p.cfg, "-drain-timeout", "20s", "-log-level", "debug")
-	cmd.Env = append(os.Environ(), "INVALIDATOR_MAIN=1")
-	cmd.Stdout, cmd.Stderr = f, f
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		p.t.Fatal(err)
-	}
-	p.cmd, p.done = cmd, make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		p.code = cmd.ProcessState.ExitCode()
-		f.Close()
-		close(p.done)
-	}()
 }
 
 // kill sends SIGKILL, as kill -9 would, and waits.
-func (p *proc) kill() {
-	if p.cmd == nil {
-		return
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGKILL)
-	<-p.done
-	p.cmd = nil
-}
+func (p *proc) kill() { _ = p.Kill() }
 
 // term sends SIGTERM (a drain) and returns the exit code.
 func (p *proc) term() int {
 	p.t.Helper()
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(60 * time.Second):
-		p.t.Fatalf("%s did not exit within 60s of SIGTERM", p.name)
+	if err := p.Stop(); err != nil {
+		p.t.Fatal(err)
 	}
-	p.cmd = nil
-	return p.code
+	return p.ExitCode()
 }
 
 // world is a two-DC environment with one invalidator per DC: dc1 tails and

@@ -126,13 +126,13 @@ http: {listen: "127.0.0.1:%d"}
 
 	hup := func() {
 		t.Helper()
-		if err := p.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		if err := syscall.Kill(p.PID(), syscall.SIGHUP); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// A rule naming a column that does not exist: refused by the check
 	// against the database; the old rules stay.
-	if err := os.WriteFile(p.cfg, []byte(config(`"item:{id}", "item:{nope}"`)), 0o600); err != nil {
+	if err := os.WriteFile(p.ConfigPath(), []byte(config(`"item:{id}", "item:{nope}"`)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	hup()
@@ -140,13 +140,13 @@ http: {listen: "127.0.0.1:%d"}
 	waitMetric("invalidator_config_last_reload_ok 0")
 	purged("item:2", 2)
 	// Another table: refused, as it needs a restart.
-	if err := os.WriteFile(p.cfg, []byte(strings.Replace(config(`"item:{id}"`), "public.items", "public.other", 1)), 0o600); err != nil {
+	if err := os.WriteFile(p.ConfigPath(), []byte(strings.Replace(config(`"item:{id}"`), "public.items", "public.other", 1)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	hup()
 	waitMetric(`invalidator_config_reloads_total{result="refused"} 2`)
 	// A second key for the same table: applied from the next transaction.
-	if err := os.WriteFile(p.cfg, []byte(config(`"item:{id}", "item_again:{id}"`)), 0o600); err != nil {
+	if err := os.WriteFile(p.ConfigPath(), []byte(config(`"item:{id}", "item_again:{id}"`)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	hup()
@@ -173,28 +173,28 @@ http: {listen: "127.0.0.1:%d"}
 	if strings.Index(got, "READY=1") > strings.Index(got, "STOPPING=1") {
 		t.Errorf("READY=1 came after STOPPING=1:\n%s", got)
 	}
-	logs, err := os.ReadFile(p.log)
+	logs, err := os.ReadFile(p.LogPath())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Contains(logs, []byte("gate")) || !bytes.Contains(logs, []byte("reload refused")) {
-		t.Fatalf("the log lacks the gate's errors or the refused reloads, so it proves nothing:\n%s", tailBytes(logs, 4096))
+		t.Fatalf("the log lacks the gate's errors or the refused reloads, so it proves nothing:\n%s", p.LogTail(4096))
 	}
 
 	// Errors printed by the check and by a config that does not parse.
 	var out, errOut bytes.Buffer
 	bad := strings.Replace(config(`"item:{id}"`), "public.items", "public.missing", 1)
-	if err := os.WriteFile(p.cfg, []byte(bad), 0o600); err != nil {
+	if err := os.WriteFile(p.ConfigPath(), []byte(bad), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if code := run([]string{"check", "-config", p.cfg}, &out, &errOut); code != exitConfig {
+	if code := run([]string{"check", "-config", p.ConfigPath()}, &out, &errOut); code != exitConfig {
 		t.Fatalf("check of a missing table: exit %d; want %d", code, exitConfig)
 	}
 	unparsable := strings.Replace(config(`"item:{id}"`), "@"+env.Primary.Addr(), "@127.0.0.1:notaport", 1)
-	if err := os.WriteFile(p.cfg, []byte(unparsable), 0o600); err != nil {
+	if err := os.WriteFile(p.ConfigPath(), []byte(unparsable), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if code := run([]string{"check", "-config", p.cfg}, &out, &errOut); code != exitConfig {
+	if code := run([]string{"check", "-config", p.ConfigPath()}, &out, &errOut); code != exitConfig {
 		t.Fatalf("check of a bad DSN: exit %d; want %d", code, exitConfig)
 	}
 	if !strings.Contains(errOut.String(), "missing") || !strings.Contains(errOut.String(), "postgres.dsn") {
