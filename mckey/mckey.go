@@ -76,3 +76,17 @@ func NeedsBase64(key string) bool {
 	}
 	return false
 }
+
+// Reason names a key error for a metric label: "empty", "too_long" or
+// "invalid_char", or "" when err is not one of Check's.
+func Reason(err error) string {
+	switch {
+	case errors.Is(err, ErrEmpty):
+		return "empty"
+	case errors.Is(err, ErrTooLong):
+		return "too_long"
+	case errors.Is(err, ErrBadByte):
+		return "invalid_char"
+	}
+	return ""
+}

@@ -54,3 +54,14 @@ func FuzzCheck(f *testing.F) {
 		}
 	})
 }
+
+func TestReason(t *testing.T) {
+	for _, tt := range []struct {
+		key  string
+		want string
+	}{{"", "empty"}, {strings.Repeat("k", 251), "too_long"}, {"a b", "invalid_char"}, {"ok", ""}} {
+		if got := Reason(Check(tt.key)); got != tt.want {
+			t.Errorf("Reason(Check(%q)) = %q; want %q", tt.key, got, tt.want)
+		}
+	}
+}

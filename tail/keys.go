@@ -21,6 +21,7 @@ import (
 
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/mckey"
 	"github.com/pgcache/pgcache/row"
 	"github.com/pgcache/pgcache/wal"
 )
@@ -141,13 +142,10 @@ func (h *Handler) report(source string, errs []error) {
 
 // Reason names a key error for the metric label.
 func Reason(err error) string {
+	if r := mckey.Reason(err); r != "" {
+		return r
+	}
 	switch {
-	case errors.Is(err, keys.ErrKeyEmpty):
-		return "empty"
-	case errors.Is(err, keys.ErrKeyTooLong):
-		return "too_long"
-	case errors.Is(err, keys.ErrKeyInvalidChar):
-		return "invalid_char"
 	case errors.Is(err, keys.ErrUnchangedToast):
 		return "unchanged_toast"
 	case errors.Is(err, keys.ErrColumnMissing):

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/pgcache/pgcache/backoff"
 	"go.uber.org/zap"
 )
 
@@ -21,8 +22,7 @@ import (
 // after Run, and more than once.
 func (s *Stream) Drain(ctx context.Context) error {
 	s.stopOnce.Do(func() { close(s.stopc) })
-	s.runMu.Lock() // Run has returned
-	s.runMu.Unlock()
+	s.waitRun()
 	t := time.NewTicker(5 * time.Millisecond)
 	defer t.Stop()
 	var werr error
@@ -56,7 +56,7 @@ func (s *Stream) finalConfirm(ctx context.Context) {
 			s.log.Info("drained; slot confirmed", zap.Stringer("lsn", lsn))
 			return
 		}
-		if !sleep(ctx, 100*time.Millisecond) {
+		if backoff.Wait(ctx, 100*time.Millisecond) != nil {
 			break
 		}
 	}
@@ -77,4 +77,10 @@ func (s *Stream) advanceSlot(ctx context.Context, lsn pglogrepl.LSN) error {
 		return fmt.Errorf("wal: advance slot: %w", err)
 	}
 	return nil
+}
+
+// waitRun waits until no Run is active: Run holds runMu while it runs.
+func (s *Stream) waitRun() {
+	s.runMu.Lock()
+	defer s.runMu.Unlock()
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"strconv"
 	"sync"
@@ -15,6 +14,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/pgcache/pgcache/backoff"
 	"github.com/pgcache/pgcache/row"
 	"go.uber.org/zap"
 )
@@ -251,7 +251,8 @@ func (s *Stream) Run(ctx context.Context, h Handler) error {
 	}()
 	defer s.setState(StateStopped)
 
-	backoff := s.cfg.ReconnectMin
+	retry := backoff.Policy{Min: s.cfg.ReconnectMin, Max: s.cfg.ReconnectMax}
+	attempt := 0
 	var unknownRelAt pglogrepl.LSN
 	for {
 		if ctx.Err() != nil {
@@ -265,7 +266,7 @@ func (s *Stream) Run(ctx context.Context, h Handler) error {
 			return nil
 		}
 		if started {
-			backoff = s.cfg.ReconnectMin
+			attempt = 0
 		}
 		var herr *handlerError
 		switch {
@@ -278,7 +279,7 @@ func (s *Stream) Run(ctx context.Context, h Handler) error {
 					zap.String("slot", s.cfg.Slot), zap.Duration("retry", s.cfg.StandbyRetry), zap.Error(err))
 			}
 			s.setState(StateStandby)
-			if !sleep(ctx, s.cfg.StandbyRetry) {
+			if backoff.Wait(ctx, s.cfg.StandbyRetry) != nil {
 				return nil
 			}
 			continue
@@ -299,24 +300,12 @@ func (s *Stream) Run(ctx context.Context, h Handler) error {
 		}
 		s.reconnect.Add(1)
 		s.setState(StateReconnecting)
-		wait := backoff/2 + rand.N(backoff/2+1)
+		wait := retry.Delay(attempt)
+		attempt++
 		s.log.Warn("replication connection lost; reconnecting", zap.Duration("in", wait), zap.Error(err))
-		if !sleep(ctx, wait) {
+		if backoff.Wait(ctx, wait) != nil {
 			return nil
 		}
-		backoff = min(2*backoff, s.cfg.ReconnectMax)
-	}
-}
-
-// sleep waits for d or ctx; it reports false if ctx ended.
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }
 
