@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,6 +75,20 @@ type request struct {
 	// answered is set by the first of the reader, the drain and the
 	// expiry to deliver a result: exactly one goes into done.
 	answered atomic.Bool
+	// chain is the number of quiet requests in a chain (kindChain): each
+	// carries O<its index> and q, and one mn ends them all. The reader
+	// fills fails with the answers that came (only failures answer).
+	chain int
+	fails []chainFail
+}
+
+// chainFail is one answer within a chain: the index of the request it
+// answers (-1 when the answer names none, as a server error line), and
+// the response or error.
+type chainFail struct {
+	idx  int
+	resp Response
+	err  error
 }
 
 // deliver puts res into r.done unless r has had its result. It never
@@ -121,6 +136,7 @@ func (r *request) release() {
 		r.buf = nil
 	}
 	r.buf, r.err, r.quiet, r.kind, r.due = r.buf[:0], nil, false, 0, 0
+	r.chain, r.fails = 0, r.fails[:0]
 	r.answered.Store(false)
 	reqPool.Put(r)
 }
@@ -546,6 +562,9 @@ func (c *Conn) readOne(r *request) (result, error) {
 	if err != nil && !isServerError(err) {
 		return result{}, fmt.Errorf("read: %w", err)
 	}
+	if r.kind == kindChain {
+		return c.readChain(r, resp, err)
+	}
 	if !r.quiet {
 		if r.kind == kindNop && err == nil && resp.Status != StatusMN {
 			return result{}, fmt.Errorf("%w: %s in reply to mn", ErrProtocol, resp.Status)
@@ -564,6 +583,31 @@ func (c *Conn) readOne(r *request) (result, error) {
 		return result{}, fmt.Errorf("%w: %s where MN was due", ErrProtocol, mn.Status)
 	}
 	return result{resp: resp, err: err}, nil
+}
+
+// readChain reads the answers to a chain of quiet requests up to the mn
+// that ends it; first is the first answer, already read. Each answer
+// goes to r.fails by its opaque.
+func (c *Conn) readChain(r *request, resp Response, err error) (result, error) {
+	for {
+		if err != nil && !isServerError(err) {
+			return result{}, fmt.Errorf("read: %w", err)
+		}
+		if err == nil && resp.Status == StatusMN {
+			return result{}, nil
+		}
+		idx := -1
+		if err == nil {
+			if n, perr := strconv.Atoi(resp.Opaque); perr == nil && n >= 0 && n < r.chain {
+				idx = n
+			}
+		}
+		if len(r.fails) > r.chain {
+			return result{}, fmt.Errorf("%w: more answers than requests in a quiet chain", ErrProtocol)
+		}
+		r.fails = append(r.fails, chainFail{idx: idx, resp: resp, err: err})
+		resp, err = readResponse(c.br, c.cfg.MaxValueSize)
+	}
 }
 
 func quietResponse(kind byte) Response {

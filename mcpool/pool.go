@@ -3,13 +3,14 @@ package mcpool
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/backoff"
 )
 
 // Config configures a Pool.
@@ -247,13 +248,12 @@ func (p *Pool) manage(s *server, slot *connSlot) {
 		cancel()
 		watch.Wait()
 	}()
-	backoff := p.cfg.ReconnectMin
+	policy := backoff.Policy{Min: p.cfg.ReconnectMin, Max: p.cfg.ReconnectMax}
+	attempt := 0
 	first := true
 	pause := func() bool { // false when the pool closes
-		// Jitter between half and all of the backoff.
-		d := backoff/2 + rand.N(backoff/2+1)
-		backoff = min(2*backoff, p.cfg.ReconnectMax)
-		t := time.NewTimer(d)
+		t := time.NewTimer(policy.Delay(attempt))
+		attempt++
 		defer t.Stop()
 		select {
 		case <-t.C:
@@ -298,7 +298,7 @@ func (p *Pool) manage(s *server, slot *connSlot) {
 		// A connection that lived long redials at once; one that broke
 		// soon after it was made (a server refusing clients) backs off.
 		if time.Since(connected) > p.cfg.ReconnectMax {
-			backoff = p.cfg.ReconnectMin
+			attempt = 0
 		} else if !pause() {
 			return
 		}
@@ -430,6 +430,24 @@ func (p *Pool) exec(ctx context.Context, idx int, r *request) (Response, error) 
 // Ring returns the pool's ring.
 func (p *Pool) Ring() *Ring { return p.ring }
 
+// Servers returns the number of servers (the range of Pick).
+func (p *Pool) Servers() int { return len(p.servers) }
+
+// Addr returns the address of server i.
+func (p *Pool) Addr(i int) string { return p.servers[i].addr }
+
+// FlushAll empties server i ("flush_all noreply", then mn): every item
+// on it is gone once it returns nil.
+func (p *Pool) FlushAll(ctx context.Context, i int) error {
+	if i < 0 || i >= len(p.servers) {
+		return fmt.Errorf("%w: server %d of %d", ErrBadRequest, i, len(p.servers))
+	}
+	_, err := p.exec(ctx, i, &request{kind: kindNop, buf: flushRequest})
+	return err
+}
+
+var flushRequest = []byte("flush_all noreply\r\nmn\r\n")
+
 // Pick returns the index of the server that holds key.
 func (p *Pool) Pick(key string) int { return p.ring.Pick(key) }
 
@@ -532,27 +550,117 @@ func deleteResult(op, key string, resp Response, err error) error {
 	return fmt.Errorf("%w: %s %s answered %s", ErrProtocol, op, key, resp.Status)
 }
 
-// DeleteMulti deletes keys as Delete does, pipelining them all at once
-// from the calling goroutine. The result has one error per key (nil:
-// deleted or absent). All keys share ctx's deadline (or Config.Timeout).
+// DeleteMulti deletes keys as Delete does, pipelined from the calling
+// goroutine: the keys of each server go as one chain of quiet deletes
+// ("md <key> q O<i>" ... "mn"), so memcached answers only the deletes
+// that fail. The result has one error per key (nil: deleted or absent).
+// All keys share ctx's deadline (or Config.Timeout).
 func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error {
-	return p.multi(ctx, keys, "md", func(k string) *request { return buildDelete(k, DeleteOptions{}) })
+	return p.chain(ctx, keys, "md", DeleteOptions{})
 }
 
 // MarkStaleMulti marks keys stale as MarkStale does, pipelined as
 // DeleteMulti.
 func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error {
-	opt := DeleteOptions{Invalidate: true, TTL: ttl}
-	return p.multi(ctx, keys, "md I", func(k string) *request { return buildDelete(k, opt) })
+	return p.chain(ctx, keys, "md I", DeleteOptions{Invalidate: true, TTL: ttl})
 }
 
-func (p *Pool) multi(ctx context.Context, keys []string, op string, build func(string) *request) []error {
+// chain sends keys as one quiet delete chain per server and returns an
+// error per key.
+func (p *Pool) chain(ctx context.Context, keys []string, op string, opt DeleteOptions) []error {
 	errs := make([]error, len(keys))
-	p.pipeline(ctx, keys, false, build, func(i int, resp Response, err error) {
-		errs[i] = deleteResult(op, keys[i], resp, err)
-	}, func(i int, err error) {
-		errs[i] = fmt.Errorf("%s %s: %w", op, keys[i], err)
-	})
+	if len(keys) == 0 {
+		return errs
+	}
+	if err := ctx.Err(); err != nil {
+		for i, k := range keys {
+			errs[i] = fmt.Errorf("%s %s: %w", op, k, err)
+		}
+		return errs
+	}
+	// Group the keys by server, keeping each key's index.
+	byServer := make([][]int, len(p.servers))
+	for i, k := range keys {
+		s := p.ring.Pick(k)
+		byServer[s] = append(byServer[s], i)
+	}
+	expired, due := p.deadline(ctx) // one deadline for the whole call
+	type started struct {
+		s     *server
+		c     *Conn
+		r     *request
+		idx   []int // the chain's index i is keys[idx[i]]
+		probe bool
+	}
+	var inflight []started
+	var conns []*Conn // to flush, each once
+	sub := make([]string, 0, len(keys))
+	for si, idx := range byServer {
+		if len(idx) == 0 {
+			continue
+		}
+		sub = sub[:0]
+		for _, i := range idx {
+			sub = append(sub, keys[i])
+		}
+		r, bad := buildDeleteChain(sub, opt)
+		for _, b := range bad {
+			errs[idx[b.idx]] = fmt.Errorf("%s %s: %w", op, keys[idx[b.idx]], b.err)
+		}
+		if r == nil {
+			continue
+		}
+		r.due = due
+		s := p.servers[si]
+		c, probe, err := p.begin(ctx, expired, s, r, true)
+		if err != nil {
+			r.release()
+			for _, i := range idx {
+				if errs[i] == nil {
+					errs[i] = fmt.Errorf("%s %s: %w", op, keys[i], err)
+				}
+			}
+			continue
+		}
+		inflight = append(inflight, started{s, c, r, idx, probe})
+		if !slices.Contains(conns, c) {
+			conns = append(conns, c)
+		}
+	}
+	for _, c := range conns {
+		c.flush()
+	}
+	for _, st := range inflight {
+		_, ok, err := st.c.wait(ctx, st.r)
+		if err == nil {
+			for _, f := range st.r.fails {
+				if f.idx < 0 {
+					// An answer that names no delete (a server error
+					// line): which one failed is unknown, so all did.
+					err = fmt.Errorf("%w: %s answered without its opaque: %v %s", ErrProtocol, op, f.err, f.resp.Status)
+					if f.err != nil {
+						err = f.err
+					}
+					break
+				}
+				i := st.idx[f.idx]
+				if errs[i] == nil {
+					errs[i] = deleteResult(op, keys[i], f.resp, f.err)
+				}
+			}
+		}
+		p.finish(st.s, st.probe, err)
+		if err != nil {
+			for _, i := range st.idx {
+				if errs[i] == nil {
+					errs[i] = fmt.Errorf("%s %s: %w", op, keys[i], err)
+				}
+			}
+		}
+		if ok {
+			st.r.release()
+		}
+	}
 	return errs
 }
 

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"strconv"
 	"time"
+
+	"github.com/pgcache/pgcache/mckey"
 )
 
-// MaxKeyLen is memcached's key length limit.
-const MaxKeyLen = 250
+// MaxKeyLen is memcached's key length limit (mckey.MaxLen).
+const MaxKeyLen = mckey.MaxLen
 
 // maxFlagLen bounds one flag token; memcached's opaque limit is 32 bytes
 // and base64 keys are not flags, so this is generous.
@@ -85,21 +87,17 @@ const (
 	kindAri byte = 'a'
 	kindNop byte = 'n'
 	kindDbg byte = 'e'
+	// kindChain is many quiet requests ended by one mn (buildDeleteChain).
+	kindChain byte = 'Q'
 )
 
-// checkKey reports whether key is a key memcached stores: 1 to MaxKeyLen
-// bytes without space, CR, LF or NUL, the bytes its text protocol cannot
-// carry in a key. Other control bytes are allowed, as memcached allows
-// them (see appendKey for how they are sent).
+// checkKey reports whether key is a key memcached stores (mckey.Check:
+// 1 to MaxKeyLen bytes without space, CR, LF or NUL). Other control bytes
+// are allowed, as memcached allows them (see appendKey for how they are
+// sent).
 func checkKey(key string) error {
-	if len(key) == 0 || len(key) > MaxKeyLen {
-		return fmt.Errorf("%w: %d bytes (want 1 to %d)", ErrBadKey, len(key), MaxKeyLen)
-	}
-	for i := 0; i < len(key); i++ {
-		switch key[i] {
-		case ' ', '\r', '\n', 0:
-			return fmt.Errorf("%w: %q has a space, CR, LF or NUL", ErrBadKey, key)
-		}
+	if err := mckey.Check(key); err != nil {
+		return fmt.Errorf("%w: %q: %w", ErrBadKey, key, err)
 	}
 	return nil
 }
@@ -338,6 +336,51 @@ func buildDelete(key string, opt DeleteOptions) *request {
 	w.flags(opt.Flags)
 	w.end()
 	return r.finish(kindDel, w)
+}
+
+// buildDeleteChain builds one request of quiet deletes of keys, each
+// "md <key> [I [T<n>]] q O<i>" with i its index in keys, ended by one mn:
+// memcached answers only a delete that fails (NF is quiet too), and the
+// mn, so a chain of n deletes costs one answer line when all succeed.
+// Keys that cannot be sent are left out and reported in bad (index and
+// error); a nil request means none could be sent.
+func buildDeleteChain(keys []string, opt DeleteOptions) (r *request, bad []chainFail) {
+	size := 8
+	for _, k := range keys {
+		size += len(k) + 24
+	}
+	r = newRequest(size)
+	w := builder{b: r.buf}
+	n := 0
+	for i, k := range keys {
+		mark := len(w.b)
+		w.b64, w.err = false, nil
+		w.cmd("md", k, false)
+		if w.err != nil {
+			bad = append(bad, chainFail{idx: i, err: w.err})
+			w.b = w.b[:mark]
+			continue
+		}
+		w.flagB()
+		if opt.Invalidate {
+			w.bare('I')
+			if opt.TTL != 0 {
+				w.num('T', ttlSeconds(opt.TTL))
+			}
+		}
+		w.bare('q')
+		w.num('O', int64(i))
+		w.end()
+		n++
+	}
+	if n == 0 {
+		r.buf = w.b[:0]
+		r.release()
+		return nil, bad
+	}
+	w.b = append(w.b, noopRequest...)
+	r.kind, r.buf, r.chain = kindChain, w.b, len(keys)
+	return r, bad
 }
 
 func buildArithmetic(key string, opt ArithmeticOptions) *request {

@@ -1,23 +1,26 @@
-// Package purge applies invalidation batches to one datacenter's memcached
-// pool: it waits for the datacenter's replica to replay each transaction
-// (the LSN gate), deletes or stale-marks every key with many deletes in
-// flight and retries with exponential backoff and jitter, and acks a batch
-// only when all of its keys are applied. It leaves WAL decoding, message
-// transport and key placement to others.
+// Package purge applies invalidation batches to one datacenter's
+// memcached pool: it waits for the datacenter's replica to replay each
+// transaction (the LSN gate), splits every batch's keys by server and
+// hands them to one worker per server, which deletes (or stale-marks)
+// everything queued for its server as one pipelined chain of quiet
+// deletes and retries failures with exponential backoff and jitter. A
+// batch is acked only when each of its keys is applied, or durably
+// recorded for a server that is down (see Backlog), so a dead server
+// holds up only its own keys. It leaves WAL decoding, message transport
+// and key placement to others.
 package purge
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/mckey"
 )
 
 // Modes of applying a key.
@@ -26,16 +29,34 @@ const (
 	ModeStale  = "stale"  // mark it stale (md I T<n>), for leaseproxy's stale serving
 )
 
-// Deleter applies keys to a pool; mcpool.Pool implements it. A key that is
-// not there counts as applied. Errors are retried.
+// Errors.
+var (
+	// ErrConfig wraps every configuration error.
+	ErrConfig = errors.New("purge: bad config")
+	// ErrClosed is returned by Handle once Drain or Close has begun: the
+	// delivery is not acked and comes again.
+	ErrClosed = errors.New("purge: purger closed")
+)
+
+// Deleter applies keys to one datacenter's pool; mcpool.Pool implements
+// it. Servers are numbered 0..Servers()-1 as Pick numbers them.
 type Deleter interface {
-	Delete(ctx context.Context, key string) error
-	MarkStale(ctx context.Context, key string, ttl time.Duration) error
+	Servers() int
+	Addr(server int) string
+	Pick(key string) int
+	// DeleteMulti and MarkStaleMulti return one error per key; a key
+	// that is not there counts as applied. Errors are retried.
+	DeleteMulti(ctx context.Context, keys []string) []error
+	MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error
+	// NoOp checks that a server answers.
+	NoOp(ctx context.Context, server int) error
+	// FlushAll empties a server.
+	FlushAll(ctx context.Context, server int) error
 }
 
 // Acker acknowledges one delivered batch; bus.Delivery implements it.
 type Acker interface {
-	Ack(ctx context.Context) error // every key applied
+	Ack(ctx context.Context) error // every key applied or recorded
 	InProgress() error             // still working: do not redeliver yet
 }
 
@@ -44,218 +65,338 @@ type Waiter interface {
 	Wait(ctx context.Context, commitLSN, endLSN uint64) error
 }
 
-// Config configures one datacenter's purger.
+// Config configures one datacenter's purger. Zero fields take the
+// defaults of DefaultConfig.
 type Config struct {
 	DC   string
 	Mode string // ModeDelete (default) or ModeStale
 	// StaleTTL is the TTL given to a stale-marked item (T flag): how long
 	// it may be served stale while one client refills it. 0 means 30s.
 	StaleTTL time.Duration
-	// Concurrency is the number of keys in flight across the pool. 0 means 256.
-	Concurrency int
 	// MaxBatches is the number of batches being applied at once; beyond it
 	// Handle blocks (and so stops reading the stream). 0 means 1024.
 	MaxBatches int
-	// RetryMin and RetryMax bound the backoff between attempts at one key.
-	// 0 means 10ms and 5s.
+	// MaxChunk is the most keys one server's worker sends in one
+	// pipelined chain. 0 means 4096.
+	MaxChunk int
+	// RetryMin and RetryMax bound the backoff between attempts at a
+	// server's failed keys. 0 means 10ms and 5s.
 	RetryMin, RetryMax time.Duration
 	// Progress is how often a batch still being applied tells JetStream it
 	// is alive, so that it is not redelivered. 0 means 10s. It must be
 	// below the consumer's AckWait.
 	Progress time.Duration
+	// RecordAfter is how long a server may fail every attempt before its
+	// keys are recorded in the Backlog instead of retried (so their
+	// batches can be acked). 0 means 2s. Without a Backlog keys are
+	// retried until the server answers.
+	RecordAfter time.Duration
+	// MaxBacklogBytes bounds the keys recorded for one down server, in
+	// bytes of keys. Past it the server is marked for a flush_all when it
+	// returns, and its further keys are not recorded (the flush covers
+	// them). 0 means 64 MiB.
+	MaxBacklogBytes int64
 }
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, Concurrency: 256, MaxBatches: 1024,
-		RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second}
+	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxChunk: 4096,
+		RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
+		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20}
 }
 
 // Validate checks the configuration.
 func (c Config) Validate() error {
-	if c.DC == "" {
-		return errors.New("purge: dc is empty")
-	}
-	if c.Mode != ModeDelete && c.Mode != ModeStale {
-		return fmt.Errorf("purge: mode %q: want %q or %q", c.Mode, ModeDelete, ModeStale)
-	}
-	if c.Concurrency < 1 || c.MaxBatches < 1 {
-		return fmt.Errorf("purge: concurrency (%d) and max batches (%d) must be positive", c.Concurrency, c.MaxBatches)
-	}
-	if c.RetryMin <= 0 || c.RetryMax < c.RetryMin {
-		return fmt.Errorf("purge: retry min (%s) must be positive and not above retry max (%s)", c.RetryMin, c.RetryMax)
-	}
-	if c.StaleTTL < time.Second {
-		return fmt.Errorf("purge: stale ttl (%s) must be at least 1s", c.StaleTTL)
+	switch {
+	case c.DC == "":
+		return fmt.Errorf("%w: dc is empty", ErrConfig)
+	case c.Mode != ModeDelete && c.Mode != ModeStale:
+		return fmt.Errorf("%w: mode %q: want %q or %q", ErrConfig, c.Mode, ModeDelete, ModeStale)
+	case c.MaxBatches < 1 || c.MaxChunk < 1:
+		return fmt.Errorf("%w: max batches (%d) and max chunk (%d) must be positive", ErrConfig, c.MaxBatches, c.MaxChunk)
+	case c.RetryMin <= 0 || c.RetryMax < c.RetryMin:
+		return fmt.Errorf("%w: retry min (%s) must be positive and not above retry max (%s)", ErrConfig, c.RetryMin, c.RetryMax)
+	case c.StaleTTL < time.Second:
+		return fmt.Errorf("%w: stale ttl (%s) must be at least 1s", ErrConfig, c.StaleTTL)
+	case c.Progress <= 0 || c.RecordAfter <= 0:
+		return fmt.Errorf("%w: progress (%s) and record after (%s) must be positive", ErrConfig, c.Progress, c.RecordAfter)
+	case c.MaxBacklogBytes < mckey.MaxLen:
+		return fmt.Errorf("%w: max backlog bytes (%d) must hold at least one key", ErrConfig, c.MaxBacklogBytes)
 	}
 	return nil
 }
 
 func (c *Config) defaults() {
 	d := DefaultConfig()
+	set := func(v *time.Duration, def time.Duration) {
+		if *v == 0 {
+			*v = def
+		}
+	}
 	if c.Mode == "" {
 		c.Mode = d.Mode
-	}
-	if c.StaleTTL == 0 {
-		c.StaleTTL = d.StaleTTL
-	}
-	if c.Concurrency == 0 {
-		c.Concurrency = d.Concurrency
 	}
 	if c.MaxBatches == 0 {
 		c.MaxBatches = d.MaxBatches
 	}
-	if c.RetryMin == 0 {
-		c.RetryMin = d.RetryMin
+	if c.MaxChunk == 0 {
+		c.MaxChunk = d.MaxChunk
 	}
-	if c.RetryMax == 0 {
-		c.RetryMax = d.RetryMax
+	if c.MaxBacklogBytes == 0 {
+		c.MaxBacklogBytes = d.MaxBacklogBytes
 	}
-	if c.Progress == 0 {
-		c.Progress = d.Progress
-	}
+	set(&c.StaleTTL, d.StaleTTL)
+	set(&c.RetryMin, d.RetryMin)
+	set(&c.RetryMax, d.RetryMax)
+	set(&c.Progress, d.Progress)
+	set(&c.RecordAfter, d.RecordAfter)
 }
 
-// Metrics are the purger's Prometheus collectors.
-type Metrics struct {
-	Keys        prometheus.Counter
-	Failures    prometheus.Counter
-	Pending     prometheus.Gauge
-	Batches     prometheus.Counter
-	Latency     prometheus.Observer
-	GateWait    prometheus.Observer
-	GateTimeout prometheus.Counter
-}
-
-// NewMetrics registers the purger's metrics for dc with reg (nil: not registered).
-func NewMetrics(reg prometheus.Registerer, dc string) *Metrics {
-	l := prometheus.Labels{"dc": dc}
-	keys := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_keys_purged_total", Help: "Keys deleted or stale-marked in this DC's pool.", ConstLabels: l})
-	fails := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_purge_failures_total", Help: "Failed attempts to apply a key (each is retried).", ConstLabels: l})
-	pending := prometheus.NewGauge(prometheus.GaugeOpts{Name: "invalidator_pending_keys", Help: "Keys received and not yet applied.", ConstLabels: l})
-	batches := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_batches_acked_total", Help: "Batches fully applied and acked.", ConstLabels: l})
-	lat := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "invalidator_commit_to_purge_seconds", Help: "From the commit on the primary to the last key of its batch applied in this DC.",
-		ConstLabels: l, Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18)})
-	gw := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "invalidator_gate_wait_seconds", Help: "Time batches waited for this DC's replica to replay their commit.",
-		ConstLabels: l, Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18)})
-	gt := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_gate_timeouts_total", Help: "Batches purged after the gate's max_wait without the replica reaching them.", ConstLabels: l})
-	if reg != nil {
-		reg.MustRegister(keys, fails, pending, batches, lat, gw, gt)
-	}
-	return &Metrics{Keys: keys, Failures: fails, Pending: pending, Batches: batches, Latency: lat, GateWait: gw, GateTimeout: gt}
-}
-
-// Purger applies batches to one datacenter's pool. Lifecycle: New, then
-// Handle for every delivery (from the consumer's goroutine), then Wait
-// after the consumer stops (soft stop), or cancel the ctx given to New
-// (hard stop: unfinished batches are not acked and come again).
+// Purger applies batches to one datacenter's pool.
+//
+// Lifecycle: New; Run(ctx) in a goroutine (it runs the per-server
+// workers and returns when ctx ends, or after Drain); Handle for every
+// delivery, from the consumer's goroutine; then Drain(ctx) for a soft
+// stop (every batch received is finished, then Run returns) or cancel
+// Run's ctx for a hard stop (unfinished batches are not acked and come
+// again); Close, which is idempotent, stops everything and waits for
+// every goroutine the purger started.
 type Purger struct {
 	cfg  Config
 	del  Deleter
 	gate Waiter // nil: no gate
 	log  *zap.Logger
 	m    *Metrics
-	ctx  context.Context
+	// backlog records keys of down servers; nil: they are retried.
+	backlog Backlog
 
+	workers []*worker
 	batches chan struct{} // semaphore: batches in progress
-	keys    chan struct{} // semaphore: keys in flight
-	wg      sync.WaitGroup
+
+	mu       sync.Mutex // guards draining
+	draining bool
+
+	inflight  sync.WaitGroup // batches in progress
+	wg        sync.WaitGroup // every goroutine started by Handle and Run
+	closing   chan struct{}  // closed by Close
+	closeOnce sync.Once
+	drained   chan struct{} // closed when Drain has finished every batch
+	drainOnce sync.Once
+	stopped   chan struct{} // closed when Run's workers have stopped
+	stopOnce  sync.Once
+	started   chan struct{} // closed when Run has begun
+	startOnce sync.Once
 }
 
-// New returns a purger whose work runs under ctx. gate may be nil.
-func New(ctx context.Context, cfg Config, del Deleter, gate Waiter, m *Metrics, log *zap.Logger) (*Purger, error) {
+// New validates cfg (zero fields take DefaultConfig's values) and
+// returns a purger of del's servers. gate may be nil (no LSN gate); m
+// may be nil (metrics not registered).
+func New(cfg Config, del Deleter, gate Waiter, m *Metrics, log *zap.Logger) (*Purger, error) {
 	cfg.defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if del == nil || del.Servers() < 1 {
+		return nil, fmt.Errorf("%w: no pool", ErrConfig)
+	}
 	if m == nil {
 		m = NewMetrics(nil, cfg.DC)
 	}
-	return &Purger{cfg: cfg, del: del, gate: gate, log: log, m: m, ctx: ctx,
-		batches: make(chan struct{}, cfg.MaxBatches), keys: make(chan struct{}, cfg.Concurrency)}, nil
+	if log == nil {
+		log = zap.NewNop()
+	}
+	p := &Purger{cfg: cfg, del: del, gate: gate, log: log, m: m,
+		batches: make(chan struct{}, cfg.MaxBatches),
+		closing: make(chan struct{}), drained: make(chan struct{}),
+		stopped: make(chan struct{}), started: make(chan struct{})}
+	for i := 0; i < del.Servers(); i++ {
+		p.workers = append(p.workers, newWorker(p, i, del.Addr(i)))
+	}
+	ws := p.workers
+	m.servers.workers.Store(&ws)
+	return p, nil
 }
 
-// Handle starts applying one delivered batch, acked through d once every
-// key is applied. It blocks while MaxBatches are in progress, which stops
-// the consumer from reading more.
-func (p *Purger) Handle(b *bus.Batch, d Acker) {
+// Run runs one worker per server until ctx ends, Close is called, or
+// Drain has finished every batch. It returns nil then: a hard stop
+// (ctx) leaves unfinished batches unacked.
+func (p *Purger) Run(ctx context.Context) error {
+	first := false
+	p.startOnce.Do(func() { first = true })
+	if !first {
+		return errors.New("purge: Run called twice")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	p.wg.Add(1) // Run itself: Close waits for it
+	defer p.wg.Done()
+	var workers sync.WaitGroup
+	for _, w := range p.workers {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			w.run(ctx)
+		}()
+	}
+	close(p.started)
+	select {
+	case <-ctx.Done():
+	case <-p.closing:
+	case <-p.drained:
+	}
+	cancel()
+	workers.Wait()
+	p.stopOnce.Do(func() { close(p.stopped) })
+	return nil
+}
+
+// Handle starts applying one delivered batch, acked through d once each
+// key is applied (or recorded for a down server). It blocks while
+// MaxBatches are in progress, which stops the consumer from reading
+// more. ctx bounds the batch's work: when it ends first, the batch is
+// not acked and comes again. After Drain or Close it returns ErrClosed.
+func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
+	p.mu.Lock()
+	if p.draining {
+		p.mu.Unlock()
+		return ErrClosed
+	}
+	p.inflight.Add(1)
+	p.mu.Unlock()
 	select {
 	case p.batches <- struct{}{}:
-	case <-p.ctx.Done():
-		return // not acked: delivered again
+	case <-ctx.Done():
+		p.inflight.Done()
+		return ctx.Err()
+	case <-p.closing:
+		p.inflight.Done()
+		return ErrClosed
 	}
-	p.m.Pending.Add(float64(len(b.Keys)))
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
+		defer p.inflight.Done()
 		defer func() { <-p.batches }()
-		p.apply(b, d)
+		p.apply(ctx, b, d)
 	}()
+	return nil
 }
 
-// Wait waits for every batch in progress to finish (or to give up when the
-// ctx given to New ends).
-func (p *Purger) Wait() { p.wg.Wait() }
-
-func (p *Purger) apply(b *bus.Batch, d Acker) {
-	ctx := p.ctx
-	// Tell JetStream the batch is alive while the gate or a dead server
-	// holds it.
-	stop := make(chan struct{})
-	defer close(stop)
+// Drain is the soft stop: Handle takes no more batches, every batch
+// already taken is finished (applied or recorded, and acked), and then
+// Run returns. It returns ctx's error if ctx ends first (the batches
+// left are not acked and come again).
+func (p *Purger) Drain(ctx context.Context) error {
+	p.mu.Lock()
+	p.draining = true
+	p.mu.Unlock()
+	done := make(chan struct{})
 	go func() {
-		t := time.NewTicker(p.cfg.Progress)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				_ = d.InProgress()
-			case <-stop:
-				return
-			}
-		}
+		p.inflight.Wait()
+		close(done)
 	}()
+	select {
+	case <-done:
+		p.drainOnce.Do(func() { close(p.drained) })
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-p.closing:
+		return ErrClosed
+	}
+}
 
-	if p.gate != nil {
+// Close stops the purger at once (batches not finished are not acked)
+// and waits for every goroutine it started. It is safe to call twice.
+func (p *Purger) Close() {
+	p.mu.Lock()
+	p.draining = true
+	p.mu.Unlock()
+	p.closeOnce.Do(func() { close(p.closing) })
+	p.wg.Wait()
+}
+
+// Stats returns each server's pending state, in server order.
+func (p *Purger) Stats() []ServerStats {
+	now := time.Now()
+	out := make([]ServerStats, len(p.workers))
+	for i, w := range p.workers {
+		out[i] = w.stats(now)
+	}
+	return out
+}
+
+// batchCtx returns ctx ended also when the purger closes or its workers
+// stop.
+func (p *Purger) batchCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-p.closing:
+		case <-p.stopped:
+		case <-ctx.Done():
+		}
+		cancel()
+	}()
+	return ctx, cancel
+}
+
+// tracker follows one batch's parts: done is closed when the last part
+// is applied or recorded.
+type tracker struct {
+	mu        sync.Mutex // guards remaining
+	remaining int
+	done      chan struct{}
+}
+
+func (t *tracker) finish() {
+	t.mu.Lock()
+	t.remaining--
+	last := t.remaining == 0
+	t.mu.Unlock()
+	if last {
+		close(t.done)
+	}
+}
+
+func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
+	ctx, cancel := p.batchCtx(ctx)
+	defer cancel()
+	keys := p.validKeys(b)
+	p.m.Pending.Add(float64(len(keys)))
+	defer p.m.Pending.Sub(float64(len(keys)))
+
+	// Tell JetStream the batch is alive while the gate or a slow server
+	// holds it.
+	progress := time.NewTicker(p.cfg.Progress)
+	defer progress.Stop()
+
+	if p.gate != nil && len(keys) > 0 {
 		begin := time.Now()
-		err := p.gate.Wait(ctx, b.CommitLSN, b.EndLSN)
+		err := p.waitGate(ctx, b, d, progress.C)
 		p.m.GateWait.Observe(time.Since(begin).Seconds())
 		switch {
 		case errors.Is(err, ErrGateTimeout):
 			p.m.GateTimeout.Inc()
 			p.log.Warn("purging without the replica's replay (gate timed out)", zap.Uint64("commit_lsn", b.CommitLSN), zap.Error(err))
 		case err != nil:
-			p.m.Pending.Sub(float64(len(b.Keys)))
 			return // ctx ended: not acked, delivered again
 		}
 	}
 
-	var wg sync.WaitGroup
-	var failed sync.Once
-	ok := true
-	for _, key := range b.Keys {
-		select {
-		case p.keys <- struct{}{}:
-		case <-ctx.Done():
-			failed.Do(func() { ok = false })
-		}
-		if ctx.Err() != nil {
-			failed.Do(func() { ok = false })
-			break
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-p.keys }()
-			if err := p.applyKey(ctx, key); err != nil {
-				failed.Do(func() { ok = false })
+	if len(keys) > 0 {
+		t := p.submit(keys)
+	wait:
+		for {
+			select {
+			case <-t.done:
+				break wait
+			case <-progress.C:
+				_ = d.InProgress()
+			case <-ctx.Done():
+				return // not acked: delivered again
 			}
-		}()
-	}
-	wg.Wait()
-	p.m.Pending.Sub(float64(len(b.Keys)))
-	if !ok {
-		return // ctx ended: not acked, delivered again
+		}
 	}
 	if err := d.Ack(ctx); err != nil {
 		// The keys are applied; a lost ack means one more harmless delivery.
@@ -268,42 +409,89 @@ func (p *Purger) apply(b *bus.Batch, d Acker) {
 	}
 }
 
-// applyKey applies one key, retrying until it succeeds or ctx ends. A key
-// on a dead server stays here, pending, while other keys go on.
-func (p *Purger) applyKey(ctx context.Context, key string) error {
-	for attempt := 0; ; attempt++ {
-		var err error
-		if p.cfg.Mode == ModeStale {
-			err = p.del.MarkStale(ctx, key, p.cfg.StaleTTL)
-		} else {
-			err = p.del.Delete(ctx, key)
-		}
-		if err == nil {
-			p.m.Keys.Inc()
-			return nil
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		p.m.Failures.Inc()
-		d := p.backoff(attempt)
-		if attempt == 0 || attempt%20 == 0 {
-			p.log.Warn("purge failed; retrying", zap.String("key", key), zap.Int("attempt", attempt+1), zap.Duration("retry_in", d), zap.Error(err))
-		}
+// waitGate waits for the gate, sending progress signals meanwhile.
+func (p *Purger) waitGate(ctx context.Context, b *bus.Batch, d Acker, tick <-chan time.Time) error {
+	res := make(chan error, 1)
+	go func() { res <- p.gate.Wait(ctx, b.CommitLSN, b.EndLSN) }()
+	for {
 		select {
-		case <-time.After(d):
-		case <-ctx.Done():
-			return ctx.Err()
+		case err := <-res:
+			return err
+		case <-tick:
+			_ = d.InProgress()
 		}
 	}
 }
 
-// backoff is exponential from RetryMin to RetryMax with full jitter on
-// the upper half.
-func (p *Purger) backoff(attempt int) time.Duration {
-	d := p.cfg.RetryMin << min(attempt, 20)
-	if d <= 0 || d > p.cfg.RetryMax {
-		d = p.cfg.RetryMax
+// validKeys returns the batch's keys that memcached can take, counting
+// and logging the others (they are dropped: no server could apply them,
+// and retrying them would stall the stream).
+func (p *Purger) validKeys(b *bus.Batch) []string {
+	bad := 0
+	for _, k := range b.Keys {
+		if mckey.Check(k) != nil {
+			bad++
+		}
 	}
-	return d/2 + rand.N(d/2+1)
+	if bad == 0 {
+		return b.Keys
+	}
+	keys := make([]string, 0, len(b.Keys)-bad)
+	for _, k := range b.Keys {
+		err := mckey.Check(k)
+		if err == nil {
+			keys = append(keys, k)
+			continue
+		}
+		reason := invalidReason(err)
+		p.m.InvalidKeys.WithLabelValues(reason).Inc()
+		shown := k
+		if len(shown) > 64 {
+			shown = shown[:64] + "..."
+		}
+		p.log.Error("invalid key dropped", zap.String("reason", reason), zap.String("key", shown), zap.Int("len", len(k)),
+			zap.Uint64("commit_lsn", b.CommitLSN), zap.String("origin", b.Origin), zap.Error(err))
+	}
+	return keys
+}
+
+// invalidReason is the metric label of a mckey error.
+func invalidReason(err error) string {
+	switch {
+	case errors.Is(err, mckey.ErrEmpty):
+		return "empty"
+	case errors.Is(err, mckey.ErrTooLong):
+		return "too_long"
+	case errors.Is(err, mckey.ErrBadByte):
+		return "bad_byte"
+	}
+	return "invalid"
+}
+
+// submit splits keys by server and queues each part on its server's
+// worker; the tracker's done closes when every part is through.
+func (p *Purger) submit(keys []string) *tracker {
+	t := &tracker{done: make(chan struct{})}
+	if len(p.workers) == 1 {
+		t.remaining = 1
+		p.workers[0].enqueue(&part{t: t, keys: keys, since: time.Now()})
+		return t
+	}
+	byServer := make([][]string, len(p.workers))
+	for _, k := range keys {
+		i := p.del.Pick(k)
+		byServer[i] = append(byServer[i], k)
+	}
+	now := time.Now()
+	var parts []*part
+	for i, ks := range byServer {
+		if len(ks) > 0 {
+			parts = append(parts, &part{t: t, keys: ks, since: now, server: i})
+		}
+	}
+	t.remaining = len(parts)
+	for _, pt := range parts {
+		p.workers[pt.server].enqueue(pt)
+	}
+	return t
 }

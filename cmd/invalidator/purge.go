@@ -42,11 +42,24 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jets
 		gate = gt
 	}
 	m := purge.NewMetrics(d.reg, d.cfg.DC)
-	p, err := purge.New(hard, purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL, Concurrency: pc.Concurrency}, pool, gate, m, log)
+	p, err := purge.New(purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL}, pool, gate, m, log)
 	if err != nil {
 		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
+	// Keys of a memcached server that is down are recorded in this DC's
+	// JetStream (so their messages are acked and the other servers go on)
+	// and applied when it returns.
+	bc := purge.BacklogConfig{DC: d.cfg.DC}
+	if d.cfg.NATS.URL != "" {
+		bc.Placement = d.cfg.DC
+	}
+	backlog, err := purge.NewJetStreamBacklog(js, bc)
+	if err != nil {
+		stopGate()
+		return fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	p.WithBacklog(backlog)
 	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
 	d.reg.MustRegister(bad)
 	cons, err := bus.NewConsumer(js, bus.ConsumerConfig{Stream: d.cfg.NATS.Stream, DC: d.cfg.DC}, log, func(error) { bad.Inc() })
@@ -54,11 +67,21 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jets
 		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
 	}
+	// The purger's workers run until it is drained (soft stop) or the hard
+	// ctx ends.
+	g.Go(func() error { return p.Run(hard) })
 	g.Go(func() error {
 		defer pool.Close()
 		defer stopGate()
-		err := cons.Run(soft, func(dl *bus.Delivery) { p.Handle(dl.Batch, dl) })
-		p.Wait()
+		defer p.Close()
+		err := cons.Run(soft, func(dl *bus.Delivery) {
+			// An error (hard stop, purger closing) leaves the message
+			// unacked: it comes again.
+			_ = p.Handle(hard, dl.Batch, dl)
+		})
+		if derr := p.Drain(hard); derr != nil && err == nil && hard.Err() == nil {
+			err = fmt.Errorf("drain purger: %w", derr)
+		}
 		return err
 	})
 	return nil

@@ -1,0 +1,189 @@
+package purge
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/backoff"
+)
+
+// Backlog durably records the keys of a memcached server that is down,
+// per server (named by its address), so that their stream messages can
+// be acked while the server is away and the keys still reach it when it
+// returns, across purger restarts. JetStreamBacklog implements it.
+// Calls for one server come from one goroutine at a time.
+type Backlog interface {
+	// Load returns what is recorded for server.
+	Load(ctx context.Context, server string) (BacklogState, error)
+	// Append records keys for server; they are durable once it returns
+	// nil.
+	Append(ctx context.Context, server string, keys []string) error
+	// MarkFlush records that server must be flushed before it is used
+	// again (its backlog overflowed); nothing is appended after it.
+	MarkFlush(ctx context.Context, server string) error
+	// Replay calls fn with the recorded keys of server, oldest first, a
+	// chunk at a time, and returns the position to Trim up to.
+	Replay(ctx context.Context, server string, fn func(keys []string) error) (upTo uint64, err error)
+	// Trim removes what is recorded for server up to upTo (from Replay,
+	// or BacklogState.Last).
+	Trim(ctx context.Context, server string, upTo uint64) error
+}
+
+// BacklogState is what a backlog holds for one server.
+type BacklogState struct {
+	Keys   int64     // keys recorded
+	Bytes  int64     // bytes of those keys
+	Oldest time.Time // when the first was recorded; zero: none
+	Flush  bool      // overflowed: flush the server when it returns
+	Last   uint64    // position of the last record; 0: none
+}
+
+// WithBacklog makes p record the keys of down servers in b (see Config's
+// RecordAfter and MaxBacklogBytes). Call it before Run.
+func (p *Purger) WithBacklog(b Backlog) *Purger {
+	p.backlog = b
+	return p
+}
+
+// load reads the server's backlog state, retrying until it succeeds or
+// ctx ends (false).
+func (w *worker) load(ctx context.Context) bool {
+	pol := backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
+	for attempt := 0; ; attempt++ {
+		st, err := w.p.backlog.Load(ctx, w.addr)
+		if err == nil {
+			w.mu.Lock()
+			w.bl = st
+			w.mu.Unlock()
+			if st.Keys > 0 || st.Flush {
+				w.p.log.Info("memcached server has a backlog from before; it is applied once the server answers",
+					zap.String("server", w.addr), zap.Int64("keys", st.Keys), zap.Bool("flush", st.Flush))
+			}
+			return true
+		}
+		if ctx.Err() != nil {
+			return false
+		}
+		if attempt == 0 || attempt%10 == 0 {
+			w.p.log.Warn("cannot read the backlog; retrying", zap.String("server", w.addr), zap.Error(err))
+		}
+		if pol.Sleep(ctx, attempt) != nil {
+			return false
+		}
+	}
+}
+
+// record puts the parts' keys in the backlog (or, past the bound, marks
+// the server for a flush, which covers them) and finishes the parts.
+func (w *worker) record(ctx context.Context, parts []*part) error {
+	p := w.p
+	var keys []string
+	var size int64
+	oldest := time.Now()
+	for _, pt := range parts {
+		keys = append(keys, pt.keys...)
+		for _, k := range pt.keys {
+			size += int64(len(k))
+		}
+		if pt.since.Before(oldest) {
+			oldest = pt.since
+		}
+	}
+	w.mu.Lock()
+	st := w.bl
+	w.mu.Unlock()
+	switch {
+	case st.Flush:
+		// Covered by the flush to come.
+	case st.Bytes+size > p.cfg.MaxBacklogBytes:
+		if err := p.backlog.MarkFlush(ctx, w.addr); err != nil {
+			return fmt.Errorf("mark flush: %w", err)
+		}
+		p.log.Error("backlog of a down memcached server is full: the server will be flushed (flush_all) when it returns",
+			zap.String("server", w.addr), zap.Int64("backlog_bytes", st.Bytes), zap.Int64("max_backlog_bytes", p.cfg.MaxBacklogBytes))
+		st.Flush = true
+	default:
+		if err := p.backlog.Append(ctx, w.addr, keys); err != nil {
+			return fmt.Errorf("append: %w", err)
+		}
+		st.Keys += int64(len(keys))
+		st.Bytes += size
+		if st.Oldest.IsZero() {
+			st.Oldest = oldest
+		}
+		p.m.Recorded.WithLabelValues(w.addr).Add(float64(len(keys)))
+	}
+	w.mu.Lock()
+	w.bl = st
+	w.mu.Unlock()
+	w.release(len(keys))
+	for _, pt := range parts {
+		pt.finish()
+	}
+	return nil
+}
+
+// recover brings a returning server up to date: it flushes it if its
+// backlog overflowed, else applies every recorded key; then it trims the
+// backlog.
+func (w *worker) recover(ctx context.Context) error {
+	p := w.p
+	w.mu.Lock()
+	st := w.bl
+	w.mu.Unlock()
+	if p.backlog == nil || (st.Keys == 0 && !st.Flush) {
+		return nil
+	}
+	var upTo uint64
+	if st.Flush {
+		if err := p.del.FlushAll(ctx, w.idx); err != nil {
+			return fmt.Errorf("flush_all: %w", err)
+		}
+		p.m.Flushes.WithLabelValues(w.addr).Inc()
+		p.log.Warn("flushed a returning memcached server whose backlog had overflowed", zap.String("server", w.addr))
+		// Everything recorded is covered; trim all of it.
+		cur, err := p.backlog.Load(ctx, w.addr)
+		if err != nil {
+			return fmt.Errorf("load backlog: %w", err)
+		}
+		upTo = cur.Last
+	} else {
+		var err error
+		applied := 0
+		upTo, err = p.backlog.Replay(ctx, w.addr, func(keys []string) error {
+			for len(keys) > 0 {
+				n := min(len(keys), p.cfg.MaxChunk)
+				var errs []error
+				if p.cfg.Mode == ModeStale {
+					errs = p.del.MarkStaleMulti(ctx, keys[:n], p.cfg.StaleTTL)
+				} else {
+					errs = p.del.DeleteMulti(ctx, keys[:n])
+				}
+				for _, err := range errs {
+					if err != nil {
+						return err
+					}
+				}
+				applied += n
+				keys = keys[n:]
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("replay backlog: %w", err)
+		}
+		p.m.Replayed.WithLabelValues(w.addr).Add(float64(applied))
+		p.m.Keys.Add(float64(applied))
+		p.log.Info("applied the backlog of a returning memcached server", zap.String("server", w.addr), zap.Int("keys", applied))
+	}
+	if err := p.backlog.Trim(ctx, w.addr, upTo); err != nil {
+		return fmt.Errorf("trim backlog: %w", err)
+	}
+	w.mu.Lock()
+	w.bl = BacklogState{}
+	w.mu.Unlock()
+	return nil
+}
