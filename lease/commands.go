@@ -78,9 +78,12 @@ func (c *conn) exec(ctx context.Context, cmd *Command, value []byte) (quit bool)
 		s.l.wrote(cmd.Keys[0])
 	}
 	if !cmd.NoReply {
-		_, _ = c.bw.Write(b)
+		c.write(b)
 	}
 	c.out = b[:0]
+	if cap(c.out) > 64<<10 {
+		c.out = nil // a large reply (a meta command's value): not kept
+	}
 	return false
 }
 
@@ -188,9 +191,11 @@ func (c *conn) backendError(b []byte, err error) []byte {
 	return appendLine(b, errorReply(err))
 }
 
-// retrieve answers get, gets, gat and gats. The keys of a multi-key
-// command are read together (see getMany) and answered in request order. A key whose server fails is a miss: the
-// other keys are unaffected.
+// retrieve answers get, gets, gat and gats. Values are written to the
+// client as they come: the keys of a multi-key command are read in
+// batches of MultiGetParallel (see getMany), each written out before the
+// next is read, in request order. A key whose server fails is a miss:
+// the other keys are unaffected.
 func (c *conn) retrieve(ctx context.Context, b []byte, cmd *Command) []byte {
 	s := c.s
 	withCAS := cmd.Op == OpGets || cmd.Op == OpGats
@@ -201,50 +206,91 @@ func (c *conn) retrieve(ctx context.Context, b []byte, cmd *Command) []byte {
 	}
 	if len(cmd.Keys) == 1 {
 		r := c.getOne(ctx, cmd.Keys[0], touch, cmd.Exptime)
-		b = c.appendResult(b, cmd.Keys[0], &r, withCAS)
+		c.writeResult(cmd.Keys[0], &r, withCAS)
 		return append(b, rEnd...)
 	}
-	results := c.getMany(ctx, cmd.Keys, touch, cmd.Exptime)
-	for i := range results {
-		b = c.appendResult(b, cmd.Keys[i], &results[i], withCAS)
+	keys := cmd.Keys
+	step := s.cfg.MultiGetParallel
+	// won holds the keys of this command that won a lease: named again
+	// in a later batch, they are a miss (a read would find the client's
+	// own lease and wait for it).
+	var won map[string]struct{}
+	for i := 0; i < len(keys) && c.werr == nil; i += step {
+		batch := keys[i:min(i+step, len(keys))]
+		results, reserved := c.getMany(ctx, batch, touch, cmd.Exptime, won)
+		for j := range results {
+			if results[j].lease != 0 && i+step < len(keys) {
+				if won == nil {
+					won = make(map[string]struct{})
+				}
+				won[batch[j]] = struct{}{}
+			}
+			c.writeResult(batch[j], &results[j], withCAS)
+			results[j] = getResult{}
+		}
+		s.replies.release(reserved)
 	}
 	return append(b, rEnd...)
 }
 
-// getMany reads the keys of a multi-key retrieval command: pipelined
-// when the backend can, else in parallel (MultiGetParallel at a time).
-func (c *conn) getMany(ctx context.Context, keys []string, touch bool, exptime int64) []getResult {
+// getMany reads the keys of a batch of a multi-key retrieval command:
+// pipelined when the backend can, else in parallel. Keys in skip are a
+// miss without a read. reserved is what the read reserved of the
+// server's reply budget, for the caller to release.
+func (c *conn) getMany(ctx context.Context, keys []string, touch bool, exptime int64, skip map[string]struct{}) (results []getResult, reserved int64) {
 	s := c.s
-	results := make([]getResult, len(keys))
-	errs := make([]error, len(keys))
-	if s.l.getMulti(ctx, keys, results, errs) {
-		for i := range results {
+	results = make([]getResult, len(keys))
+	read := keys
+	var at []int // position in keys of each key of read, when some are skipped
+	if len(skip) > 0 {
+		read = make([]string, 0, len(keys))
+		for i, k := range keys {
+			if _, ok := skip[k]; !ok {
+				read = append(read, k)
+				at = append(at, i)
+			}
+		}
+		if len(read) == 0 {
+			return results, 0
+		}
+	}
+	got := results
+	if at != nil {
+		got = make([]getResult, len(read))
+	}
+	errs := make([]error, len(read))
+	reserved, ok := s.l.getMulti(ctx, read, got, errs, s.replies, int64(s.cfg.MaxValueBytes))
+	if ok {
+		for i := range got {
 			if errs[i] != nil {
 				s.st.backendErrors.Add(1)
-				results[i] = getResult{}
+				got[i] = getResult{}
 				continue
 			}
-			c.touchResult(ctx, keys[i], &results[i], touch, exptime)
+			c.touchResult(ctx, read[i], &got[i], touch, exptime)
 		}
-		return results
-	}
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for w := min(len(keys), s.cfg.MultiGetParallel); w > 0; w-- {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(results) {
-					return
+	} else {
+		var next atomic.Int64
+		var wg sync.WaitGroup
+		for w := min(len(read), s.cfg.MultiGetParallel); w > 0; w-- {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					i := int(next.Add(1) - 1)
+					if i >= len(got) {
+						return
+					}
+					got[i] = c.getOne(ctx, read[i], touch, exptime)
 				}
-				results[i] = c.getOne(ctx, keys[i], touch, exptime)
-			}
-		}()
+			}()
+		}
+		wg.Wait()
 	}
-	wg.Wait()
-	return results
+	for j, i := range at {
+		results[i] = got[j]
+	}
+	return results, reserved
 }
 
 // getOne reads key for a retrieval command; with touch, a value found
@@ -269,16 +315,22 @@ func (c *conn) touchResult(ctx context.Context, key string, r *getResult, touch 
 	}
 }
 
-func (c *conn) appendResult(b []byte, key string, r *getResult, withCAS bool) []byte {
+// writeResult writes one key's result of a retrieval to the client: its
+// VALUE line and data when found. A lease the read won for the client is
+// remembered on this connection, for its fill.
+func (c *conn) writeResult(key string, r *getResult, withCAS bool) {
 	if r.lease != 0 {
 		c.bind(key, r.lease)
 	}
 	if !r.found {
 		c.s.st.misses.Add(1)
-		return b
+		return
 	}
 	c.s.st.hits.Add(1)
-	return appendValue(b, key, &r.item, withCAS)
+	c.hdr = appendValueHeader(c.hdr[:0], key, &r.item, withCAS)
+	c.write(c.hdr)
+	c.write(r.item.value)
+	c.write(crlf)
 }
 
 // rewrite sets key's TTL to exptime by storing the value just read again

@@ -52,12 +52,27 @@ type Config struct {
 	// idle time before closing is between IdleTimeout/2 and IdleTimeout.
 	// 0: never.
 	IdleTimeout time.Duration
+	// WriteTimeout closes a connection whose client does not read its
+	// replies: a write to it that cannot go out within this time fails,
+	// and the connection is closed (counted in WriteTimeouts). The
+	// deadline is renewed lazily, so a write may block between
+	// WriteTimeout/2 and WriteTimeout. 0: never.
+	WriteTimeout time.Duration
+	// ReplyBytes bounds the bytes of values that the multi-key retrievals
+	// of all connections hold at once: before a batch of keys (at most
+	// MultiGetParallel) is read, MaxValueBytes per key read is reserved
+	// from it, and released once the batch is written to the client; a
+	// retrieval that finds it spent waits. One connection holds at most
+	// MultiGetParallel x MaxValueBytes. A single-key get holds at most one
+	// value per connection and reserves nothing.
+	ReplyBytes int64
 	// FlushAll is FlushRefuse or FlushForward.
 	FlushAll string
 	// Version is what "version" answers.
 	Version string
 	// MultiGetParallel bounds the keys of one multi-key get that are
-	// fetched at once.
+	// fetched at once: a longer get is read and answered in batches of
+	// this many keys, each written to the client before the next is read.
 	MultiGetParallel int
 	// Lease configures leases.
 	Lease LeaseConfig
@@ -104,7 +119,8 @@ type LeaseConfig struct {
 }
 
 // DefaultConfig returns the defaults: 4096 connections, 1 MiB values,
-// 2 KiB lines (256 KiB for retrievals), 10 minutes idle, flush_all
+// 2 KiB lines (256 KiB for retrievals), 10 minutes idle, 30 seconds to
+// take a reply, 256 MiB of multi-get replies in flight, flush_all
 // refused, 32 keys of a multi-get at once, and leases of 2s with a 250ms
 // wait, stale serving on, polling from 5ms to 50ms, leases remembered
 // for a minute, 100000 records and foreign sets checked.
@@ -115,6 +131,8 @@ func DefaultConfig() Config {
 		MaxLineBytes:     2048,
 		MaxGetLineBytes:  256 << 10,
 		IdleTimeout:      10 * time.Minute,
+		WriteTimeout:     30 * time.Second,
+		ReplyBytes:       256 << 20,
 		FlushAll:         FlushRefuse,
 		Version:          "1.6.18-leaseproxy",
 		MultiGetParallel: 32,
@@ -149,6 +167,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: FlushAll %q (want %q or %q)", ErrConfig, c.FlushAll, FlushRefuse, FlushForward)
 	case !validKey([]byte(c.Version)) || !validToken([]byte(c.Version)):
 		return fmt.Errorf("%w: Version %q must be 1 to 250 printable bytes without spaces", ErrConfig, c.Version)
+	case c.WriteTimeout < 0:
+		return fmt.Errorf("%w: WriteTimeout (%s) cannot be negative", ErrConfig, c.WriteTimeout)
+	case c.ReplyBytes < int64(c.MaxValueBytes):
+		return fmt.Errorf("%w: ReplyBytes (%d) cannot be less than MaxValueBytes (%d)", ErrConfig, c.ReplyBytes, c.MaxValueBytes)
 	case c.MultiGetParallel < 1:
 		return fmt.Errorf("%w: MultiGetParallel (%d) must be at least 1", ErrConfig, c.MultiGetParallel)
 	}

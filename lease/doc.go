@@ -170,6 +170,25 @@
 // base64, which memcached also accepts) and places them by their raw
 // bytes, where nutcracker, libmemcached and the purger put them too.
 //
+// # Memory
+//
+// What a client sends cannot make the proxy's memory grow without bound:
+//
+//   - A retrieval's values are written to the client as they come. A
+//     multi-key get is read in batches of MultiGetParallel keys, each
+//     written out before the next is read; before a batch goes out,
+//     MaxValueBytes per key read is reserved from ReplyBytes, shared by
+//     all connections, and released once the batch is written. A
+//     retrieval that finds the budget spent waits for it. One connection
+//     holds at most MultiGetParallel x MaxValueBytes of values.
+//   - A data block's buffer starts at 16 KiB and doubles as its bytes
+//     arrive: a client that announces a large value and sends nothing
+//     costs 16 KiB, not the announced length.
+//   - A client that does not read its replies is closed when a write to
+//     it blocks for WriteTimeout (counted in WriteTimeouts).
+//
+// Go's own memory limit (GOMEMLIMIT) is the command's business.
+//
 // Known limits: a real value of 0 bytes with client flags 0 that another
 // client is refreshing through mg R looks like an empty lease item, so
 // readers wait for it instead of taking it. A lease on a stale item that

@@ -174,10 +174,14 @@ type multiGetter interface {
 // write per server. Waits that follow count from one start, so together
 // they last at most Wait. A key named twice gets its first read's result:
 // a second mg would see the first one's lease.
-func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, errs []error) (ok bool) {
+//
+// Before the reads go out, perKey bytes per key sent are reserved from
+// bud (reserved; the caller releases them once it has written the
+// values): the values read are allocated as they arrive.
+func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, errs []error, bud *budget, perKey int64) (reserved int64, ok bool) {
 	mg, ok := l.be.(multiGetter)
 	if !ok {
-		return false
+		return 0, false
 	}
 	first := make(map[string]int, len(keys))
 	type joined struct {
@@ -213,6 +217,10 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 	if l.enabled() {
 		flags = l.getFlags
 	}
+	if len(send) > 0 && bud != nil {
+		reserved = int64(len(send)) * perKey
+		bud.acquire(reserved)
+	}
 	resps, rerrs := mg.MetaGetMulti(ctx, send, flags...)
 	for j, i := range idx {
 		if l.enabled() {
@@ -228,7 +236,7 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 			out[i], errs[i] = out[f], errs[f]
 		}
 	}
-	return true
+	return reserved, true
 }
 
 // result is what a client gets for key given the response to the read

@@ -72,6 +72,7 @@ func NewCollector(namespace string, s *Server, servers func() []mcpool.ServerSta
 	add("lease_check_failures_total", "Lease record reads that failed, refusing the fill.", func(s *Stats) uint64 { return s.CheckFailures })
 	add("protocol_errors_total", "Bad command lines and data blocks from clients.", func(s *Stats) uint64 { return s.ProtocolErrors })
 	add("backend_errors_total", "Pool requests that failed.", func(s *Stats) uint64 { return s.BackendErrors })
+	add("write_timeouts_total", "Connections closed because their client did not read its replies within limits.write_timeout.", func(s *Stats) uint64 { return s.WriteTimeouts })
 	c.conns = prometheus.NewDesc(name("connections"), "Client connections open.", nil, nil)
 	c.wait = prometheus.NewDesc(name("lease_wait_seconds"), "How long reads waited for another client's fill.", nil, nil)
 	srv := func(n, help string) *prometheus.Desc {

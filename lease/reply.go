@@ -21,9 +21,13 @@ var (
 	rMN        = []byte("MN\r\n")
 )
 
-// appendValue appends one item of a retrieval reply:
-// "VALUE <key> <flags> <bytes> [<cas>]\r\n<data>\r\n".
-func appendValue(b []byte, key string, it *item, withCAS bool) []byte {
+// crlf ends a line or a data block.
+var crlf = []byte("\r\n")
+
+// appendValueHeader appends the line that opens one item of a retrieval
+// reply: "VALUE <key> <flags> <bytes> [<cas>]\r\n". The data and its
+// CRLF follow.
+func appendValueHeader(b []byte, key string, it *item, withCAS bool) []byte {
 	b = append(b, "VALUE "...)
 	b = append(b, key...)
 	b = append(b, ' ')
@@ -34,8 +38,6 @@ func appendValue(b []byte, key string, it *item, withCAS bool) []byte {
 		b = append(b, ' ')
 		b = strconv.AppendUint(b, it.cas, 10)
 	}
-	b = append(b, '\r', '\n')
-	b = append(b, it.value...)
 	return append(b, '\r', '\n')
 }
 

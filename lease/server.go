@@ -29,6 +29,9 @@ type Server struct {
 	l     *leaser
 	st    *counters
 	start time.Time
+	// replies is the budget of multi-key retrievals' values
+	// (Config.ReplyBytes).
+	replies *budget
 
 	draining atomic.Bool
 
@@ -56,14 +59,15 @@ func New(cfg Config, be Backend, log *zap.Logger) (*Server, error) {
 	}
 	st := newCounters()
 	return &Server{
-		cfg:   cfg,
-		be:    be,
-		log:   log,
-		st:    st,
-		l:     newLeaser(cfg.Lease, be, log, st),
-		start: time.Now(),
-		lns:   make(map[net.Listener]struct{}),
-		conns: make(map[*conn]struct{}),
+		cfg:     cfg,
+		be:      be,
+		log:     log,
+		st:      st,
+		l:       newLeaser(cfg.Lease, be, log, st),
+		start:   time.Now(),
+		replies: newBudget(cfg.ReplyBytes),
+		lns:     make(map[net.Listener]struct{}),
+		conns:   make(map[*conn]struct{}),
 	}, nil
 }
 
@@ -216,6 +220,13 @@ type conn struct {
 	long []byte
 	// deadline is the read deadline set for the idle timeout.
 	deadline time.Time
+	// wdeadline is the write deadline set for the write timeout.
+	wdeadline time.Time
+	// werr is the first write to the client that failed: the connection
+	// is closed.
+	werr error
+	// hdr holds a VALUE line being written.
+	hdr []byte
 	// leases are the leases this connection's client got and has not
 	// filled (see bind), at most maxBindings.
 	leases map[string]binding
@@ -231,9 +242,23 @@ func (c *conn) serve(ctx context.Context) {
 	c.br = bufio.NewReaderSize(c.nc, max(readBufSize, min(cfg.MaxLineBytes, 64<<10)))
 	c.bw = bufio.NewWriterSize(c.nc, 16<<10)
 	for {
+		if c.werr != nil {
+			c.writeFailed()
+			return
+		}
 		if c.br.Buffered() == 0 {
+			// One clock reading for both deadlines: the one of the idle
+			// timeout may be a Gosched early, which its lazy renewal
+			// absorbs.
+			var now time.Time
+			if cfg.IdleTimeout > 0 || cfg.WriteTimeout > 0 {
+				now = time.Now()
+			}
 			if c.bw.Buffered() > 0 {
+				c.renewWrite(now)
 				if err := c.bw.Flush(); err != nil {
+					c.werr = err
+					c.writeFailed()
 					return
 				}
 				// The client has only now got its reply: its next
@@ -250,7 +275,7 @@ func (c *conn) serve(ctx context.Context) {
 			// is left: an idle connection is closed after IdleTimeout/2 to
 			// IdleTimeout, and the fast path skips a timer update.
 			if cfg.IdleTimeout > 0 {
-				if now := time.Now(); c.deadline.Sub(now) < cfg.IdleTimeout/2 {
+				if c.deadline.Sub(now) < cfg.IdleTimeout/2 {
 					c.deadline = now.Add(cfg.IdleTimeout)
 					_ = c.nc.SetReadDeadline(c.deadline)
 				}
@@ -282,7 +307,7 @@ func (c *conn) serve(ctx context.Context) {
 				c.fail(pe.Reply)
 				return
 			}
-			_, _ = c.bw.Write(appendLine(c.out[:0], pe.Reply))
+			c.write(appendLine(c.out[:0], pe.Reply))
 			continue
 		}
 		cmd, err := ParseCommand(line, cfg.MaxValueBytes)
@@ -297,7 +322,7 @@ func (c *conn) serve(ctx context.Context) {
 				c.fail(pe.Reply)
 				return
 			}
-			_, _ = c.bw.Write(c.out)
+			c.write(c.out)
 			if pe.Swallow > 0 {
 				if _, err := c.br.Discard(pe.Swallow); err != nil {
 					c.readFailed(err, false)
@@ -311,7 +336,7 @@ func (c *conn) serve(ctx context.Context) {
 			value, err = c.readData(cmd.Bytes)
 			if errors.Is(err, ErrBadDataChunk) {
 				c.s.st.protocolErrors.Add(1)
-				_, _ = c.bw.Write(appendLine(c.out[:0], replyBadChunk))
+				c.write(appendLine(c.out[:0], replyBadChunk))
 				continue
 			}
 			if err != nil {
@@ -320,6 +345,7 @@ func (c *conn) serve(ctx context.Context) {
 			}
 		}
 		if quit := c.exec(ctx, &cmd, value); quit {
+			c.renewWrite(time.Now())
 			_ = c.bw.Flush()
 			return
 		}
@@ -335,6 +361,7 @@ func (c *conn) readFailed(err error, midBlock bool) {
 		c.fail(replyBadChunk)
 		return
 	}
+	c.renewWrite(time.Now())
 	_ = c.bw.Flush()
 	if !errors.Is(err, io.EOF) && !errors.Is(err, os.ErrDeadlineExceeded) && !errors.Is(err, net.ErrClosed) {
 		c.s.log.Debug("client read failed", zap.Error(err))
@@ -395,14 +422,83 @@ func (c *conn) lineLimit(line []byte) int {
 	return c.s.cfg.MaxLineBytes
 }
 
-// readData reads a data block of n bytes and its CRLF.
+// dataChunk is the most a data block's buffer holds before its bytes
+// arrive: a client that announces a large block and sends nothing costs
+// this much, not the block's length.
+const dataChunk = 16 << 10
+
+// readData reads a data block of n bytes and its CRLF. Its buffer grows
+// as the bytes arrive (doubling, from dataChunk), so that it is never
+// much larger than what the client sent.
 func (c *conn) readData(n int) ([]byte, error) {
-	buf := make([]byte, n+2)
-	if _, err := io.ReadFull(c.br, buf); err != nil {
-		return nil, err
+	if n+2 <= dataChunk {
+		buf := make([]byte, n+2)
+		if _, err := io.ReadFull(c.br, buf); err != nil {
+			return nil, err
+		}
+		return checkBlock(buf, n)
 	}
+	buf := make([]byte, 0, dataChunk)
+	for len(buf) < n+2 {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(2*cap(buf), n+2))
+			copy(grown, buf)
+			buf = grown
+		}
+		m, err := c.br.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+m]
+		if err != nil && len(buf) < n+2 {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return checkBlock(buf, n)
+}
+
+func checkBlock(buf []byte, n int) ([]byte, error) {
 	if buf[n] != '\r' || buf[n+1] != '\n' {
 		return nil, ErrBadDataChunk
 	}
 	return buf[:n:n], nil
+}
+
+// write queues p for the client. A write that will reach the socket
+// (p does not fit in the buffer) renews the write deadline first. A
+// failed write is kept in werr, and later writes are dropped.
+func (c *conn) write(p []byte) {
+	if c.werr != nil {
+		return
+	}
+	if len(p) > c.bw.Available() {
+		c.renewWrite(time.Now())
+	}
+	if _, err := c.bw.Write(p); err != nil {
+		c.werr = err
+	}
+}
+
+// renewWrite renews the write deadline when less than half of
+// WriteTimeout is left, so that the fast path skips a timer update.
+func (c *conn) renewWrite(now time.Time) {
+	wt := c.s.cfg.WriteTimeout
+	if wt > 0 && c.wdeadline.Sub(now) < wt/2 {
+		c.wdeadline = now.Add(wt)
+		_ = c.nc.SetWriteDeadline(c.wdeadline)
+	}
+}
+
+// writeFailed ends a connection whose write failed: a client that did not
+// take its replies within WriteTimeout is counted and logged.
+func (c *conn) writeFailed() {
+	if errors.Is(c.werr, os.ErrDeadlineExceeded) {
+		c.s.st.writeTimeouts.Add(1)
+		c.s.log.Info("client closed: it did not read its replies", zap.Duration("write_timeout", c.s.cfg.WriteTimeout),
+			zap.Stringer("remote", c.nc.RemoteAddr()))
+		return
+	}
+	if !errors.Is(c.werr, net.ErrClosed) {
+		c.s.log.Debug("client write failed", zap.Error(c.werr))
+	}
 }

@@ -37,6 +37,7 @@ type Stats struct {
 
 	ProtocolErrors uint64 // bad command lines
 	BackendErrors  uint64 // pool requests that failed
+	WriteTimeouts  uint64 // connections closed because their client did not read its replies within Config.WriteTimeout
 }
 
 // counters are the live figures behind Stats.
@@ -48,7 +49,7 @@ type counters struct {
 	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
 	broken, refusedBroken                                            atomic.Uint64
-	protocolErrors, backendErrors                                    atomic.Uint64
+	protocolErrors, backendErrors, writeTimeouts                     atomic.Uint64
 
 	// waitBuckets[i] counts waits of at most waitBounds[i]; the last one
 	// counts the rest. waitNanos sums them all.
@@ -103,6 +104,7 @@ func (c *counters) snapshot() Stats {
 		RefusedBroken:     c.refusedBroken.Load(),
 		ProtocolErrors:    c.protocolErrors.Load(),
 		BackendErrors:     c.backendErrors.Load(),
+		WriteTimeouts:     c.writeTimeouts.Load(),
 	}
 }
 
@@ -137,5 +139,6 @@ func (s Stats) statLines() [][2]string {
 		{"lease_refused_broken", u(s.RefusedBroken)},
 		{"protocol_errors", u(s.ProtocolErrors)},
 		{"backend_errors", u(s.BackendErrors)},
+		{"write_timeouts", u(s.WriteTimeouts)},
 	}
 }

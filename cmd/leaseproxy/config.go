@@ -38,6 +38,9 @@ type fileConfig struct {
 		MaxLineBytes    int           `yaml:"max_line_bytes"`
 		MaxGetLineBytes int           `yaml:"max_get_line_bytes"`
 		IdleTimeout     time.Duration `yaml:"idle_timeout"`
+		WriteTimeout    time.Duration `yaml:"write_timeout"`
+		ReplyBytes      int64         `yaml:"reply_bytes"`
+		MultiGetBatch   int           `yaml:"multiget_batch"`
 	} `yaml:"limits"`
 	FlushAll string `yaml:"flush_all"`
 	Version  string `yaml:"version"`
@@ -77,7 +80,15 @@ type fileConfig struct {
 	// leaseproxy.sh). 0 keeps Go's default (100); the GOGC environment
 	// variable, when set, wins.
 	GCPercent int `yaml:"gc_percent"`
-	Log       struct {
+	// MemoryLimit is Go's soft memory limit (GOMEMLIMIT) in bytes: the
+	// collector works harder as the heap nears it. The default, 640 MiB,
+	// sits under the systemd unit's MemoryHigh (768M) and MemoryMax (1G),
+	// and above what the limits can hold (limits.reply_bytes, 256 MiB, of
+	// multi-get replies, plus about 20 KiB of buffers per connection and
+	// one value per connection sending or reading one). 0: none; the
+	// GOMEMLIMIT environment variable, when set, wins.
+	MemoryLimit int64 `yaml:"memory_limit"`
+	Log         struct {
 		Level  string `yaml:"level"`
 		Format string `yaml:"format"`
 	} `yaml:"log"`
@@ -107,6 +118,8 @@ func defaults() fileConfig {
 	fc.DrainTimeout = 10 * time.Second
 	fc.Procs = 1 // see fileConfig.Procs
 	fc.GCPercent = 400
+	fc.MemoryLimit = 640 << 20
+	fc.Limits.WriteTimeout, fc.Limits.ReplyBytes, fc.Limits.MultiGetBatch = lc.WriteTimeout, lc.ReplyBytes, lc.MultiGetParallel
 	fc.Log.Level, fc.Log.Format = "info", "json"
 	return fc
 }
@@ -129,6 +142,9 @@ func loadConfig(path string) (fileConfig, error) {
 	if fc.GCPercent < 0 {
 		return fc, fmt.Errorf("config: gc_percent (%d) cannot be negative", fc.GCPercent)
 	}
+	if fc.MemoryLimit < 0 {
+		return fc, fmt.Errorf("config: memory_limit (%d) cannot be negative", fc.MemoryLimit)
+	}
 	if fc.Procs < 0 {
 		return fc, fmt.Errorf("config: procs (%d) cannot be negative", fc.Procs)
 	}
@@ -146,6 +162,7 @@ func (fc fileConfig) leaseConfig() lease.Config {
 	c.MaxConns, c.MaxValueBytes = fc.Limits.MaxConns, fc.Limits.MaxValueBytes
 	c.MaxLineBytes, c.MaxGetLineBytes, c.IdleTimeout = fc.Limits.MaxLineBytes, fc.Limits.MaxGetLineBytes, fc.Limits.IdleTimeout
 	c.FlushAll, c.Version = fc.FlushAll, fc.Version
+	c.WriteTimeout, c.ReplyBytes, c.MultiGetParallel = fc.Limits.WriteTimeout, fc.Limits.ReplyBytes, fc.Limits.MultiGetBatch
 	c.Lease = lease.LeaseConfig{
 		TTL: fc.Lease.TTL, Wait: fc.Lease.Wait, Stale: fc.Lease.Stale,
 		PollMin: fc.Lease.PollMin, PollMax: fc.Lease.PollMax, Memory: fc.Lease.Memory, MaxRecords: fc.Lease.MaxRecords,

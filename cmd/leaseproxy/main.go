@@ -55,6 +55,9 @@ func run() int {
 	if _, set := os.LookupEnv("GOGC"); !set && fc.GCPercent > 0 {
 		debug.SetGCPercent(fc.GCPercent)
 	}
+	if _, set := os.LookupEnv("GOMEMLIMIT"); !set && fc.MemoryLimit > 0 {
+		debug.SetMemoryLimit(fc.MemoryLimit)
+	}
 	if err := serve(fc, *path, log); err != nil {
 		log.Error("leaseproxy stopped", zap.Error(err))
 		return 1
@@ -100,7 +103,8 @@ func serve(fc fileConfig, path string, log *zap.Logger) error {
 	log.Info("leaseproxy serving", zap.String("listen", ln.Addr().String()), zap.String("http", hln.Addr().String()),
 		zap.Strings("servers", fc.Servers), zap.String("hash", fc.Hash), zap.Duration("lease_ttl", fc.Lease.TTL),
 		zap.Duration("lease_wait", fc.Lease.Wait), zap.Bool("lease_stale", fc.Lease.Stale),
-		zap.Int("conns_per_server", fc.Pool.ConnsPerServer), zap.Int("procs", runtime.GOMAXPROCS(0)))
+		zap.Int("conns_per_server", fc.Pool.ConnsPerServer), zap.Int("procs", runtime.GOMAXPROCS(0)),
+		zap.Int64("memory_limit", debug.SetMemoryLimit(-1)))
 
 	sig, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

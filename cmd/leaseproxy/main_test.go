@@ -66,6 +66,8 @@ func TestConfigErrors(t *testing.T) {
 		"bad flush":           "servers: [127.0.0.1:1]\nflush_all: sometimes\n",
 		"negative procs":      "servers: [127.0.0.1:1]\nprocs: -1\n",
 		"negative gc_percent": "servers: [127.0.0.1:1]\ngc_percent: -5\n",
+		"negative memory":     "servers: [127.0.0.1:1]\nmemory_limit: -1\n",
+		"reply_bytes < value": "servers: [127.0.0.1:1]\nlimits: {reply_bytes: 1000}\n",
 	}
 	for name, body := range tests {
 		t.Run(name, func(t *testing.T) {
@@ -99,7 +101,7 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	listen, httpAddr := freeAddr(t), freeAddr(t)
-	cfg := fmt.Sprintf("listen: %s\nservers: [%s, %s]\nhttp: {listen: %s}\nlog: {level: debug}\nprocs: 1\n",
+	cfg := fmt.Sprintf("listen: %s\nservers: [%s, %s]\nhttp: {listen: %s}\nlog: {level: debug}\nprocs: 1\nmemory_limit: 300000000\n",
 		listen, mcs[0].Addr, mcs[1].Addr, httpAddr)
 	cfgPath := filepath.Join(dir, "leaseproxy.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
@@ -145,7 +147,8 @@ func TestBinary(t *testing.T) {
 	}
 	body := httpGet(t, "http://"+httpAddr+"/metrics", http.StatusOK)
 	for _, m := range []string{"leaseproxy_lease_wins_total 1", "leaseproxy_lease_fills_total 1",
-		"leaseproxy_server_breaker_state{server=", "leaseproxy_connections 1", "go_goroutines"} {
+		"leaseproxy_server_breaker_state{server=", "leaseproxy_connections 1", "go_goroutines",
+		"go_gc_gomemlimit_bytes 3e+08"} { // memory_limit applied
 		if !strings.Contains(body, m) {
 			t.Errorf("/metrics: no %q", m)
 		}
