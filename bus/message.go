@@ -7,10 +7,12 @@
 package bus
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"strings"
 	"time"
 )
 
@@ -48,11 +50,42 @@ type Batch struct {
 	Keys       []string  `json:"keys"`
 }
 
-// Encode returns the wire form of b.
+// Encode returns the wire form of b. '<', '>' and '&' are not escaped,
+// so a key's encoded size is its length plus JSON's escapes of quotes,
+// backslashes and control bytes (see KeyBytes).
 func (b *Batch) Encode() ([]byte, error) {
 	b.V = Version
-	return json.Marshal(b)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(b); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }
+
+// KeyBytes is the number of bytes key takes in an encoded Batch, with
+// its quotes and the comma before it. Keys are valid UTF-8 (keys
+// refuses the others), so no byte is replaced.
+func KeyBytes(key string) int {
+	n := 3
+	for i := 0; i < len(key); i++ {
+		switch c := key[i]; {
+		case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+			n += 2
+		case c < 0x20:
+			n += 6
+		default:
+			n++
+		}
+	}
+	// U+2028 and U+2029 are escaped as \u2028 and \u2029 (3 bytes -> 6).
+	n += 3 * (strings.Count(key, "\u2028") + strings.Count(key, "\u2029"))
+	return n
+}
+
+// batchOverhead bounds the bytes of an encoded Batch other than its keys.
+const batchOverhead = 512
 
 // Decode parses a message. Every failure wraps ErrBadMessage.
 func Decode(data []byte) (*Batch, error) {

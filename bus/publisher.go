@@ -95,6 +95,9 @@ type PublisherConfig struct {
 	// MaxBatchKeys flushes a batch when it holds this many distinct keys;
 	// a larger transaction is split into parts. 0 means 1000.
 	MaxBatchKeys int
+	// MaxBatchBytes caps a batch's encoded size in bytes; the server's
+	// max_payload caps it too, whichever is lower. 0 means the server's.
+	MaxBatchBytes int
 	// Linger is how long a batch of whole transactions may wait for more
 	// before it is published: DefaultPublisherConfig has 200µs; 0
 	// publishes a batch as soon as its transaction ends.
@@ -172,6 +175,8 @@ type Publisher struct {
 	started  time.Time // when cur got its first transaction
 	confirm  uint64    // end LSN of the last whole transaction in cur
 	acks     []Ack     // the Acks of the whole transactions in cur
+	curBytes int       // the encoded size of cur's keys (KeyBytes)
+	limit    int       // maxBytes when cur started
 	part     int       // parts already published of the open transaction
 	inTx     bool
 	txCommit uint64
@@ -216,11 +221,21 @@ func (p *Publisher) Add(ctx context.Context, keys ...string) error {
 		if _, dup := p.seen[k]; dup {
 			continue
 		}
+		kb := KeyBytes(k)
+		if len(p.cur.Keys) > 0 && p.curBytes+kb > p.limit {
+			// The key would take the message over the server's max
+			// payload: what the batch holds goes first, as a part.
+			if err := p.flushLocked(ctx, false); err != nil {
+				return err
+			}
+			p.part++
+		}
 		if len(p.cur.Keys) == 0 && p.cur.Txs == 0 {
 			p.startBatch()
 		}
 		p.seen[k] = struct{}{}
 		p.cur.Keys = append(p.cur.Keys, k)
+		p.curBytes += kb
 		p.noteTx()
 		if len(p.cur.Keys) >= p.cfg.MaxBatchKeys {
 			if err := p.flushLocked(ctx, false); err != nil {
@@ -230,6 +245,22 @@ func (p *Publisher) Add(ctx context.Context, keys ...string) error {
 		}
 	}
 	return nil
+}
+
+// maxBytes is the most key bytes a batch may hold: the server's max
+// payload (or MaxBatchBytes when lower), less room for the other fields
+// and headers. Called with p.mu held.
+func (p *Publisher) maxBytes() int {
+	limit := p.cfg.MaxBatchBytes
+	if nc := p.js.Conn(); nc != nil {
+		if mp := int(nc.MaxPayload()); mp > 0 && (limit == 0 || mp < limit) {
+			limit = mp
+		}
+	}
+	if limit <= 0 {
+		limit = 1 << 20 // NATS's default max_payload
+	}
+	return max(limit-batchOverhead, 1)
 }
 
 // noteTx records the open transaction's position in the current batch.
@@ -296,7 +327,7 @@ func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
 		b.EndLSN = 0
 	}
 	confirm, acks := p.confirm, p.acks
-	p.cur = Batch{}
+	p.cur, p.curBytes = Batch{}, 0
 	p.confirm, p.acks = 0, nil
 	clear(p.seen)
 	if p.inTx {
@@ -369,6 +400,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 // linger timer. Called with p.mu held.
 func (p *Publisher) startBatch() {
 	p.started = time.Now()
+	p.limit = p.maxBytes()
 	select {
 	case p.kick <- struct{}{}:
 	default:

@@ -58,7 +58,9 @@ package keys
 
 import (
 	"errors"
+	"fmt"
 	"strconv"
+	"unicode/utf8"
 
 	"github.com/pgcache/pgcache/mckey"
 )
@@ -74,6 +76,11 @@ var (
 	ErrKeyEmpty       = mckey.ErrEmpty
 	ErrKeyTooLong     = mckey.ErrTooLong
 	ErrKeyInvalidChar = mckey.ErrBadByte
+	// ErrKeyInvalidUTF8: the key is not valid UTF-8. memcached would take
+	// it, but the invalidation stream carries keys as JSON text, where
+	// invalid bytes would become U+FFFD: a different key. It is refused
+	// instead, named and counted.
+	ErrKeyInvalidUTF8 = errors.New("keys: key is not valid UTF-8")
 )
 
 // Errors from Keys for a change that cannot be (fully) mapped to keys. They
@@ -157,7 +164,17 @@ func (e *Error) Unwrap() error { return e.Err }
 // Validate reports whether key is a valid memcached key (mckey.Check):
 // 1 to 250 bytes, none of them a space, CR, LF or NUL. Other control
 // bytes and bytes >= 0x80 are allowed, as memcached allows them.
-func Validate(key string) error { return mckey.Check(key) }
+// It must also be valid UTF-8 (ErrKeyInvalidUTF8), to travel on the
+// stream unchanged.
+func Validate(key string) error {
+	if err := mckey.Check(key); err != nil {
+		return err
+	}
+	if !utf8.ValidString(key) {
+		return fmt.Errorf("%w: %q", ErrKeyInvalidUTF8, key)
+	}
+	return nil
+}
 
 // badByte returns the index of the first byte of s that memcached does not
 // accept in a key, or -1.

@@ -185,6 +185,13 @@ func TestKeys(t *testing.T) {
 			errs:  []error{ErrKeyInvalidChar, ErrKeyInvalidChar},
 		},
 		{
+			name:  "value not UTF-8",
+			rules: []Rule{postsRule},
+			c:     row.Change{Table: "public.posts", Op: row.Insert, New: mkrow("id", "1", "author_id", "caf\xe9")},
+			want:  []string{"post:1"},
+			errs:  []error{ErrKeyInvalidUTF8},
+		},
+		{
 			name:  "update new value invalid, old still purged",
 			rules: []Rule{postsRule},
 			c: row.Change{Table: "public.posts", Op: row.Update,
@@ -492,7 +499,8 @@ func TestValidate(t *testing.T) {
 		{"post:1", nil},
 		{strings.Repeat("k", 250), nil},
 		{"héllo", nil},
-		{"\x80\xff", nil},
+		{"\x80\xff", ErrKeyInvalidUTF8}, // would change on the JSON stream
+		{"caf\xc3\xa9", nil},
 		{"", ErrKeyEmpty},
 		{strings.Repeat("k", 251), ErrKeyTooLong},
 		{"a b", ErrKeyInvalidChar},

@@ -26,6 +26,7 @@ func TestParseMessage(t *testing.T) {
 		{"exactly 250", strings.Repeat("k", 250), []string{strings.Repeat("k", 250)}, nil},
 		{"NUL byte", "k1 a\x00b k2 c\x00", []string{"k1", "k2"}, []error{ErrKeyInvalidChar, ErrKeyInvalidChar}},
 		{"control byte", "k1 c\x7f", []string{"k1", "c\x7f"}, nil}, // memcached accepts it
+		{"invalid UTF-8", "k1 caf\xe9 k2", []string{"k1", "k2"}, []error{ErrKeyInvalidUTF8}},
 		{"non-ascii", "ключ:1 a\u00a0b", []string{"ключ:1", "a\u00a0b"}, nil},
 	}
 	for _, tt := range tests {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/pgcache/pgcache/row"
 )
@@ -322,8 +323,11 @@ func (t *table) render(dst []string, start int, buf []byte, tp *template, vals [
 		var err error
 		switch v.st {
 		case stBad:
-			i := badByte(v.s)
-			err = fmt.Errorf("%w: byte 0x%02x in column value", ErrKeyInvalidChar, v.s[i])
+			if i := badByte(v.s); i >= 0 {
+				err = fmt.Errorf("%w: byte 0x%02x in column value", ErrKeyInvalidChar, v.s[i])
+			} else {
+				err = fmt.Errorf("%w: in column value", ErrKeyInvalidUTF8)
+			}
 		case stMissing:
 			err = ErrColumnMissing
 		case stToast:
@@ -424,7 +428,7 @@ func makeVal(v row.Value) val {
 	switch {
 	case v.Null:
 		return val{st: stNull}
-	case badByte(v.Text) >= 0:
+	case badByte(v.Text) >= 0 || !utf8.ValidString(v.Text):
 		return val{s: v.Text, st: stBad}
 	}
 	return val{s: v.Text, st: stOK}

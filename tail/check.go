@@ -30,51 +30,83 @@ func Tables(rules *keys.Set, ctrs *counters.Set) []string {
 // make the daemon refuse to start (empty when none) and a report for
 // operators, per table, with the statement to run for each problem.
 func Check(ctx context.Context, dsn string, rules *keys.Set, ctrs *counters.Set) (problems []string, report string, err error) {
+	results, report, err := check(ctx, dsn, rules, ctrs)
+	for _, r := range results {
+		if r.problem != "" {
+			problems = append(problems, r.problem)
+		}
+	}
+	return problems, report, err
+}
+
+// tableCheck is one table's result: problem is empty when it is served.
+type tableCheck struct {
+	table, problem string
+}
+
+func check(ctx context.Context, dsn string, rules *keys.Set, ctrs *counters.Set) (results []tableCheck, report string, err error) {
 	infos, err := wal.Inspect(ctx, dsn, Tables(rules, ctrs))
 	if err != nil {
 		return nil, "", fmt.Errorf("inspect tables: %w", err)
 	}
 	var b strings.Builder
 	for _, t := range infos {
-		need := rules.Columns(t.Name)
-		if len(need) > 0 {
-			fmt.Fprintf(&b, "%s: keys use columns %s\n", t.Name, strings.Join(need, ", "))
-		}
-		// Counters need the old group values of a DELETE, and of an
-		// UPDATE that moves a row to another group.
-		if cols := ctrs.Columns(t.Name); len(cols) > 0 {
-			fmt.Fprintf(&b, "%s: counters group by columns %s\n", t.Name, strings.Join(cols, ", "))
-			for _, c := range cols {
-				if !slices.Contains(need, c) {
-					need = append(need, c)
-				}
-			}
-		}
-		if !t.Exists {
-			problems = append(problems, fmt.Sprintf("%s: table does not exist", t.Name))
-			fmt.Fprintf(&b, "  MISSING: table does not exist\n")
-			continue
-		}
-		var missing []string
-		for _, c := range need {
-			if !slices.Contains(t.Columns, c) {
-				missing = append(missing, c)
-			}
-		}
-		if len(missing) > 0 {
-			problems = append(problems, fmt.Sprintf("%s: no column %s", t.Name, strings.Join(missing, ", ")))
-			fmt.Fprintf(&b, "  MISSING: column %s\n", strings.Join(missing, ", "))
-			continue
-		}
-		// UPDATE and DELETE render old values: the replica identity must
-		// send every column a key or a counter's group uses.
-		ok, fix := wal.CheckIdentity(t, need)
-		if !ok {
-			problems = append(problems, fmt.Sprintf("%s: replica identity does not send old values of %s; run: %s", t.Name, strings.Join(need, ", "), fix))
-			fmt.Fprintf(&b, "  REPLICA IDENTITY does not supply old values of every key and group column; run:\n    %s\n", fix)
-			continue
-		}
-		fmt.Fprintf(&b, "  ok: replica identity supplies old values\n")
+		results = append(results, tableCheck{table: t.Name, problem: checkTable(&b, t, rules, ctrs)})
 	}
-	return problems, b.String(), nil
+	return results, b.String(), nil
+}
+
+// checkTable writes t's report to b and returns its problem, or "".
+func checkTable(b *strings.Builder, t wal.TableInfo, rules *keys.Set, ctrs *counters.Set) string {
+	need := NeedOld(t.Name, rules, ctrs)
+	if cols := rules.Columns(t.Name); len(cols) > 0 {
+		fmt.Fprintf(b, "%s: keys use columns %s\n", t.Name, strings.Join(cols, ", "))
+	}
+	if cols := ctrs.Columns(t.Name); len(cols) > 0 {
+		fmt.Fprintf(b, "%s: counters group by columns %s\n", t.Name, strings.Join(cols, ", "))
+	}
+	if !t.Exists {
+		fmt.Fprintf(b, "  MISSING: table does not exist\n")
+		return fmt.Sprintf("%s: table does not exist", t.Name)
+	}
+	if t.Partitioned {
+		names := make([]string, len(t.Partitions))
+		for i, p := range t.Partitions {
+			names[i] = p.Name
+		}
+		fmt.Fprintf(b, "  partitioned: changes of its %d partition(s) (%s) are published under %s (publish_via_partition_root), "+
+			"and so are those of partitions created or attached later; each partition's replica identity is checked\n",
+			len(names), strings.Join(names, ", "), t.Name)
+	}
+	var missing []string
+	for _, c := range need {
+		if !slices.Contains(t.Columns, c) {
+			missing = append(missing, c)
+		}
+	}
+	if len(missing) > 0 {
+		fmt.Fprintf(b, "  MISSING: column %s\n", strings.Join(missing, ", "))
+		return fmt.Sprintf("%s: no column %s", t.Name, strings.Join(missing, ", "))
+	}
+	// UPDATE and DELETE render old values: the replica identity must
+	// send every column a key or a counter's group uses.
+	if ok, fix := wal.CheckIdentity(t, need); !ok {
+		fmt.Fprintf(b, "  REPLICA IDENTITY does not supply old values of every key and group column; run:\n    %s\n", fix)
+		return fmt.Sprintf("%s: replica identity does not send old values of %s; run: %s", t.Name, strings.Join(need, ", "), fix)
+	}
+	fmt.Fprintf(b, "  ok: replica identity supplies old values\n")
+	return ""
+}
+
+// NeedOld are the columns whose old values a table's UPDATEs and DELETEs
+// must carry: every column its keys use, and every column its counters
+// group by (a DELETE, and an UPDATE that moves a row to another group).
+func NeedOld(table string, rules *keys.Set, ctrs *counters.Set) []string {
+	need := slices.Clone(rules.Columns(table))
+	for _, c := range ctrs.Columns(table) {
+		if !slices.Contains(need, c) {
+			need = append(need, c)
+		}
+	}
+	return need
 }

@@ -42,6 +42,7 @@ type Metrics struct {
 	Messages  prometheus.Counter
 	Keys      prometheus.Counter
 	KeyErrors *prometheus.CounterVec
+	identity  *identityMetrics
 }
 
 // NewMetrics registers the tailer's metrics with reg (nil: not registered).
@@ -56,6 +57,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Txs, m.Changes, m.Messages, m.Keys, m.KeyErrors)
 	}
+	m.identity = newIdentityMetrics(reg)
 	return m
 }
 
@@ -68,6 +70,8 @@ type Handler struct {
 	log   *zap.Logger
 	buf   []string
 	next  atomic.Pointer[keys.Set] // rules from a reload, taken at the next transaction
+	cur   atomic.Pointer[keys.Set] // the rules in use, for other goroutines
+	id    identity
 }
 
 // NewHandler returns a handler that renders keys with rules.
@@ -75,8 +79,23 @@ func NewHandler(rules *keys.Set, pub Publisher, m *Metrics, log *zap.Logger) *Ha
 	if m == nil {
 		m = NewMetrics(nil)
 	}
-	return &Handler{rules: rules, pub: pub, m: m, log: log}
+	h := &Handler{rules: rules, pub: pub, m: m, log: log}
+	h.cur.Store(rules)
+	h.id = identity{m: m.identity, log: log, need: func(t string) []string { return NeedOld(t, h.rules, nil) }}
+	return h
 }
+
+// currentRules returns the rules in use, from any goroutine.
+func (h *Handler) currentRules() *keys.Set {
+	if r := h.next.Load(); r != nil {
+		return r
+	}
+	return h.cur.Load()
+}
+
+// Relation implements the stream's relation callback (wal.Config's
+// OnRelation): it follows each table's replica identity.
+func (h *Handler) Relation(rel wal.Relation) { h.id.relation(rel) }
 
 // SetRules replaces the rules from any goroutine (a config reload). They
 // apply from the next transaction on: a transaction never mixes two sets.
@@ -86,6 +105,7 @@ func (h *Handler) SetRules(r *keys.Set) { h.next.Store(r) }
 func (h *Handler) takeRules() {
 	if r := h.next.Swap(nil); r != nil {
 		h.rules = r
+		h.cur.Store(r)
 	}
 }
 
@@ -99,6 +119,7 @@ func (h *Handler) Begin(_ context.Context, tx wal.TxInfo) error {
 // Change implements wal.Handler.
 func (h *Handler) Change(ctx context.Context, _ wal.TxInfo, c row.Change) error {
 	h.m.Changes.Inc()
+	h.id.change(c)
 	var errs []error
 	h.buf, errs = h.rules.Keys(h.buf[:0], c)
 	h.report(c.Table, errs)
@@ -136,6 +157,7 @@ func (h *Handler) report(source string, errs []error) {
 	for _, err := range errs {
 		reason := Reason(err)
 		h.m.KeyErrors.WithLabelValues(reason).Inc()
+		h.m.identity.unrendered.WithLabelValues(source, reason).Inc()
 		h.log.Warn("key not rendered", zap.String("source", source), zap.String("reason", reason), zap.Error(err))
 	}
 }
@@ -146,6 +168,8 @@ func Reason(err error) string {
 		return r
 	}
 	switch {
+	case errors.Is(err, keys.ErrKeyInvalidUTF8):
+		return "invalid_utf8"
 	case errors.Is(err, keys.ErrUnchangedToast):
 		return "unchanged_toast"
 	case errors.Is(err, keys.ErrColumnMissing):

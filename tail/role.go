@@ -37,6 +37,11 @@ type Config struct {
 	// SetupTimeout bounds the setup of the slot, the streams and the
 	// counter tables. 0 means 30s.
 	SetupTimeout time.Duration
+	// CheckInterval is how often the tables are checked again against
+	// the rules (columns, replica identity of each table and partition),
+	// besides the relation messages of the stream. 0 means 1m; negative
+	// turns the periodic check off.
+	CheckInterval time.Duration
 }
 
 // Validate checks cfg with the rules it will render.
@@ -104,6 +109,13 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	if cfg.SetupTimeout == 0 {
 		cfg.SetupTimeout = 30 * time.Second
 	}
+	if cfg.CheckInterval == 0 {
+		cfg.CheckInterval = time.Minute
+	}
+	// The keys handler follows the tables' replica identity from the
+	// relation messages.
+	var kh *Handler
+	cfg.WAL.OnRelation = func(rel wal.Relation) { kh.Relation(rel) }
 	stream, err := wal.New(cfg.WAL, log)
 	if err != nil {
 		return nil, err
@@ -115,6 +127,8 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub,
 		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
 	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
+	r.keys.id.need = func(t string) []string { return NeedOld(t, r.keys.rules, cfg.Counters) }
+	kh = r.keys
 	if cfg.counting() {
 		r.ctrm = newCounterMetrics(reg)
 		if r.store, err = counterstore.New(cfg.Store); err != nil {
@@ -154,6 +168,9 @@ func (r *Role) Run(ctx context.Context) error {
 	bctx, stopBack := context.WithCancel(gctx)
 	defer stopBack()
 	g.Go(func() error { return r.pub.Run(bctx) })
+	if r.cfg.CheckInterval > 0 {
+		g.Go(func() error { r.watchIdentity(bctx, r.cfg.CheckInterval); return nil })
+	}
 	if r.batcher != nil {
 		g.Go(func() error {
 			if err := r.batcher.Run(bctx); err != nil {

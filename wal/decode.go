@@ -29,10 +29,11 @@ type counters struct {
 
 // relation is what a Relation message said about a table.
 type relation struct {
-	table  string   // "schema.table"
-	cols   []string // column names in tuple order
-	key    []bool   // column is part of the replica identity (flag 1)
-	wanted bool     // passes the table filter
+	table    string   // "schema.table"
+	cols     []string // column names in tuple order
+	key      []bool   // column is part of the replica identity (flag 1)
+	identity byte     // the relation's replica identity: 'd', 'n', 'f' or 'i'
+	wanted   bool     // passes the table filter
 }
 
 // decoder turns pgoutput messages into Handler calls. It is owned by one
@@ -43,6 +44,11 @@ type decoder struct {
 	prefixes []string
 	cnt      *counters
 	acks     *ackTracker
+	// onRelation (may be nil) is told of every wanted relation the server
+	// describes, with its replica identity; onSkip of every change of a
+	// published table that is not wanted.
+	onRelation func(Relation)
+	onSkip     func(table string)
 
 	inTx bool
 	tx   TxInfo
@@ -68,6 +74,14 @@ func newDecoder(tables []string, prefixes []string, cnt *counters, acks *ackTrac
 
 // reset forgets the connection's state: relations are described again on
 // a new connection, and an open transaction is sent again from its Begin.
+// skip counts a change of a published table that is not wanted.
+func (d *decoder) skip(table string) {
+	d.cnt.skippedChanges.Add(1)
+	if d.onSkip != nil {
+		d.onSkip(table)
+	}
+}
+
 func (d *decoder) reset() {
 	clear(d.rels)
 	d.inTx = false
@@ -281,7 +295,7 @@ func (d *decoder) relation(r *reader) error {
 	id := r.u32()
 	ns := r.cstr()
 	name := r.cstr()
-	_ = r.u8() // replica identity setting; the column flags say the rest
+	identity := r.u8()
 	n := int(r.u16())
 	if r.bad {
 		return decodeErr("Relation message truncated")
@@ -304,8 +318,18 @@ func (d *decoder) relation(r *reader) error {
 		ns = []byte("pg_catalog")
 	}
 	rel.table = string(ns) + "." + string(name)
+	rel.identity = identity
 	rel.wanted = d.tables == nil || d.tables[rel.table]
 	d.rels[id] = rel
+	if rel.wanted && d.onRelation != nil {
+		var keyCols []string
+		for i, k := range rel.key {
+			if k {
+				keyCols = append(keyCols, rel.cols[i])
+			}
+		}
+		d.onRelation(Relation{Table: rel.table, Identity: identity, IdentityColumns: keyCols})
+	}
 	return nil
 }
 
@@ -412,7 +436,7 @@ func (d *decoder) rowChange(ctx context.Context, h Handler, kind byte, r *reader
 		return err
 	}
 	if !rel.wanted {
-		d.cnt.skippedChanges.Add(1)
+		d.skip(rel.table)
 		return nil
 	}
 	if err := h.Change(ctx, d.tx, *c); err != nil {
@@ -441,7 +465,7 @@ func (d *decoder) truncate(ctx context.Context, h Handler, r *reader, walStart p
 	for ; len(r.b) >= 4; r.b = r.b[4:] {
 		rel := d.rels[binary.BigEndian.Uint32(r.b)]
 		if !rel.wanted {
-			d.cnt.skippedChanges.Add(1)
+			d.skip(rel.table)
 			continue
 		}
 		if err := h.Change(ctx, d.tx, row.Change{Table: rel.table, Op: row.Truncate}); err != nil {

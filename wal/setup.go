@@ -79,14 +79,18 @@ func (s *Stream) Setup(ctx context.Context) error {
 func (s *Stream) setupPublication(ctx context.Context, conn *pgx.Conn, infos []TableInfo) error {
 	pub := s.cfg.Publication
 	for attempt := 0; ; attempt++ {
-		var all, ins, upd, del, trunc bool
-		err := conn.QueryRow(ctx, "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1", pub).
-			Scan(&all, &ins, &upd, &del, &trunc)
+		var all, ins, upd, del, trunc, viaRoot bool
+		err := conn.QueryRow(ctx, "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1", pub).
+			Scan(&all, &ins, &upd, &del, &trunc, &viaRoot)
 		if errors.Is(err, pgx.ErrNoRows) {
 			sql := "CREATE PUBLICATION " + pub
 			if len(infos) > 0 {
 				sql += " FOR TABLE " + quotedList(infos)
 			}
+			// A partition's changes then come under its root's name, the
+			// table the rules name, whichever partition holds the row and
+			// however many are attached later.
+			sql += " WITH (publish_via_partition_root = true)"
 			_, err = conn.Exec(ctx, sql)
 			var pgErr *pgconn.PgError
 			if errors.As(err, &pgErr) && pgErr.Code == "42710" && attempt == 0 {
@@ -107,11 +111,22 @@ func (s *Stream) setupPublication(ctx context.Context, conn *pgx.Conn, infos []T
 			}
 			s.log.Info("publication now publishes every operation", zap.String("publication", pub))
 		}
+		if !viaRoot && partitioned(infos) {
+			if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" SET (publish_via_partition_root = true)"); err != nil {
+				return fmt.Errorf("wal: alter publication %s: %w", pub, err)
+			}
+			s.log.Info("publication now publishes partitions' changes under their root table", zap.String("publication", pub))
+		}
 		if all {
 			s.log.Warn("publication is FOR ALL TABLES; changes of tables not configured are dropped", zap.String("publication", pub))
 			return nil
 		}
-		rows, err := conn.Query(ctx, "SELECT schemaname, tablename, rowfilter IS NOT NULL FROM pg_publication_tables WHERE pubname = $1", pub)
+		// The publication's own members (a partitioned table is listed
+		// itself, not its partitions as pg_publication_tables may).
+		rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pr.prqual IS NOT NULL
+			FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+			JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE p.pubname = $1`, pub)
 		if err != nil {
 			return fmt.Errorf("wal: list publication %s: %w", pub, err)
 		}
@@ -209,6 +224,16 @@ func (s *Stream) setupSlot(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
+// partitioned reports whether a table is partitioned.
+func partitioned(ts []TableInfo) bool {
+	for _, t := range ts {
+		if t.Partitioned {
+			return true
+		}
+	}
+	return false
+}
+
 func quotedList(ts []TableInfo) string {
 	parts := make([]string, len(ts))
 	for i, t := range ts {
@@ -235,6 +260,12 @@ type TableInfo struct {
 	// accepts: unique, valid, immediate, not partial, without
 	// expressions, on NOT NULL columns.
 	IdentityIndexes []Index
+	// Partitioned: a partitioned table. Its changes are published under
+	// its name (publish_via_partition_root), but an old row comes with
+	// the replica identity of the partition that held it: Partitions are
+	// its leaf partitions, each checked for its identity.
+	Partitioned bool
+	Partitions  []TableInfo
 }
 
 // Index is a unique index usable as replica identity.
@@ -291,9 +322,10 @@ func inspect(ctx context.Context, conn *pgx.Conn, tables []string) ([]TableInfo,
 		t := TableInfo{Name: name}
 		var oid uint32
 		var ident string
-		err = conn.QueryRow(ctx, `SELECT c.oid, c.relreplident::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+		var kind string
+		err = conn.QueryRow(ctx, `SELECT c.oid, c.relreplident::text, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind::text
 			FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-			WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, schema, table).Scan(&oid, &ident, &t.QuotedName)
+			WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')`, schema, table).Scan(&oid, &ident, &t.QuotedName, &kind)
 		if errors.Is(err, pgx.ErrNoRows) {
 			out = append(out, t)
 			continue
@@ -302,6 +334,16 @@ func inspect(ctx context.Context, conn *pgx.Conn, tables []string) ([]TableInfo,
 			return nil, fmt.Errorf("wal: inspect %s: %w", name, err)
 		}
 		t.Exists = true
+		if kind == "p" {
+			t.Partitioned = true
+			leaves, err := partitionsOf(ctx, conn, oid)
+			if err != nil {
+				return nil, fmt.Errorf("wal: inspect %s partitions: %w", name, err)
+			}
+			if t.Partitions, err = inspect(ctx, conn, leaves); err != nil {
+				return nil, err
+			}
+		}
 		if len(ident) == 1 {
 			t.ReplicaIdentity = ident[0]
 		}
@@ -372,6 +414,18 @@ func inspect(ctx context.Context, conn *pgx.Conn, tables []string) ([]TableInfo,
 	return out, nil
 }
 
+// partitionsOf lists the leaf partitions of a partitioned table, at any
+// depth, as "schema.table".
+func partitionsOf(ctx context.Context, conn *pgx.Conn, oid uint32) ([]string, error) {
+	rows, err := conn.Query(ctx, `SELECT n.nspname || '.' || c.relname FROM pg_partition_tree($1::oid::regclass) pt
+		JOIN pg_class c ON c.oid = pt.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE pt.isleaf AND pt.relid <> $1::oid::regclass ORDER BY 1`, oid)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
 // CheckIdentity reports whether t's replica identity supplies the old
 // values of the columns in needOld (the columns an UPDATE's or DELETE's
 // keys are rendered from), and whether it has a replica identity at all:
@@ -381,6 +435,12 @@ func inspect(ctx context.Context, conn *pgx.Conn, tables []string) ([]TableInfo,
 // columns, else "ALTER TABLE s.t REPLICA IDENTITY FULL;". If the table
 // or one of the columns does not exist, ok is false and fix is empty:
 // no replica identity can help.
+//
+// A partitioned table is checked through its leaf partitions, since a
+// partition's old row comes with its own replica identity: ok when every
+// partition's identity supplies the columns (and none is missing), fix
+// the statements for those that do not. A partition attached later must
+// be checked again; the tail role re-runs the check periodically.
 func CheckIdentity(t TableInfo, needOld []string) (ok bool, fix string) {
 	if !t.Exists {
 		return false, ""
@@ -389,6 +449,15 @@ func CheckIdentity(t TableInfo, needOld []string) (ok bool, fix string) {
 		if !slices.Contains(t.Columns, c) {
 			return false, ""
 		}
+	}
+	if t.Partitioned {
+		var fixes []string
+		for _, p := range t.Partitions {
+			if ok, f := CheckIdentity(p, needOld); !ok {
+				fixes = append(fixes, f)
+			}
+		}
+		return len(fixes) == 0, strings.Join(fixes, " ")
 	}
 	covers := func(cols []string) bool {
 		for _, c := range needOld {

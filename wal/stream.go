@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"strconv"
 	"sync"
@@ -78,6 +79,19 @@ type Handler interface {
 	Commit(ctx context.Context, tx TxInfo, ack *Ack) error
 }
 
+// Relation is what the server says of a table it streams, each time it
+// describes it (at the start of a connection, and after any change of the
+// table's schema or replica identity).
+type Relation struct {
+	Table string // "schema.table"; the root's name for a partition published through it
+	// Identity is the replica identity: 'd' default (primary key), 'n'
+	// nothing, 'f' full, 'i' index.
+	Identity byte
+	// IdentityColumns are the columns an UPDATE's or DELETE's old row
+	// carries (all of them with 'f').
+	IdentityColumns []string
+}
+
 // State is what Run is doing.
 type State int32
 
@@ -135,8 +149,11 @@ type Stats struct {
 	Messages        uint64 // logical messages delivered
 	IgnoredMessages uint64 // logical messages whose prefix is not configured
 	SkippedChanges  uint64 // row changes of tables not in Config.Tables
-	DecodeErrors    uint64 // messages that could not be decoded (logged)
-	Reconnects      uint64 // reconnections after a lost connection
+	// Uncovered counts SkippedChanges per table: a published table that no
+	// rule or counter covers (each is logged once).
+	Uncovered    map[string]uint64
+	DecodeErrors uint64 // messages that could not be decoded (logged)
+	Reconnects   uint64 // reconnections after a lost connection
 }
 
 // Stream tails the slot. Create it with New, call Setup once, then Run.
@@ -154,8 +171,9 @@ type Stream struct {
 	reconnect atomic.Uint64
 	cnt       counters
 
-	mu         sync.Mutex // guards state, lastCommit, decodeLag
+	mu         sync.Mutex // guards state, lastCommit, decodeLag, uncovered
 	state      State
+	uncovered  map[string]uint64 // changes of published tables not configured, per table
 	lastCommit time.Time
 	decodeLag  time.Duration
 
@@ -177,6 +195,8 @@ func New(cfg Config, log *zap.Logger) (*Stream, error) {
 	s.stopc = make(chan struct{})
 	s.acks = newAckTracker(s.confirm)
 	s.dec = newDecoder(cfg.Tables, cfg.MessagePrefixes, &s.cnt, s.acks)
+	s.dec.onRelation = cfg.OnRelation
+	s.dec.onSkip = s.skipped
 	return s, nil
 }
 
@@ -219,8 +239,27 @@ func (s *Stream) Stats() Stats {
 	}
 	s.mu.Lock()
 	st.State, st.LastCommitTime, st.DecodeLag = s.state, s.lastCommit, s.decodeLag
+	if len(s.uncovered) > 0 {
+		st.Uncovered = maps.Clone(s.uncovered)
+	}
 	s.mu.Unlock()
 	return st
+}
+
+// skipped counts a change of a published table that no rule covers, and
+// logs the table the first time: a gap in the rules must not hide.
+func (s *Stream) skipped(table string) {
+	s.mu.Lock()
+	if s.uncovered == nil {
+		s.uncovered = make(map[string]uint64)
+	}
+	n := s.uncovered[table]
+	s.uncovered[table] = n + 1
+	s.mu.Unlock()
+	if n == 0 {
+		s.log.Warn("changes of a published table that no rule or counter covers are dropped; add a rule, or remove the table from the publication",
+			zap.String("table", table), zap.String("publication", s.cfg.Publication))
+	}
 }
 
 func (s *Stream) setState(st State) {

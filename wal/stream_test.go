@@ -33,6 +33,7 @@ func TestPostgres(t *testing.T) {
 	t.Run("Standby", pg.testStandby)
 	t.Run("SlotGone", pg.testSlotGone)
 	t.Run("SetupAndInspect", pg.testSetupAndInspect)
+	t.Run("Partitions", pg.testPartitions)
 	t.Run("SlowHandlerKeepsConnection", pg.testSlowHandler)
 	t.Run("HandlerRetry", pg.testHandlerRetry)
 	t.Run("MillionRowTransaction", pg.testMillionRows)

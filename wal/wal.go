@@ -137,6 +137,10 @@ type Config struct {
 	// jitter) between attempts after a lost connection. Zero means 200ms
 	// and 15s.
 	ReconnectMin, ReconnectMax time.Duration
+	// OnRelation, when set, is called with each relation the server
+	// describes for a configured table (its replica identity included),
+	// from Run's goroutine: it must not block.
+	OnRelation func(Relation)
 	// StandbyRetry is how often a hot standby tries to take the slot
 	// while another process holds it. Zero means 1s: one refused
 	// START_REPLICATION a second costs the primary little and bounds the
