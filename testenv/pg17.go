@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -160,13 +161,25 @@ func (pg *Postgres) syncStandbySlots(ctx context.Context) error {
 	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
 		return fmt.Errorf("%s: reload: %w", pg.Name, err)
 	}
-	return nil
+	// The reload is asynchronous: wait until new sessions see the list.
+	for {
+		var got string
+		err := pg.QueryRow(ctx, "SHOW synchronized_standby_slots", &got)
+		if err == nil && got == slots {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: synchronized_standby_slots is %q; want %q: %w (last error: %v)", pg.Name, got, slots, ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // copyDataDir copies a running server's data directory as a base backup
 // would: files that vanish during the copy are skipped (the backup's WAL
-// replay recreates what matters), and so are sockets and the contents of
-// copySkip, except timeline history files in pg_wal.
+// replay recreates what matters), and so are sockets and everything under
+// the directories of copySkip but timeline history files in pg_wal.
 func copyDataDir(src, dst string, cred *syscall.Credential) error {
 	uid, gid := int(cred.Uid), int(cred.Gid)
 	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
@@ -184,7 +197,18 @@ func copyDataDir(src, dst string, cred *syscall.Credential) error {
 			return nil
 		}
 		target := filepath.Join(dst, rel)
-		parent := filepath.Dir(rel)
+		top, under, _ := strings.Cut(rel, string(filepath.Separator))
+		if copySkip[top] && under != "" {
+			// Keep the directory, copy nothing under it but timeline
+			// history files (the server remakes pg_wal's subdirectories).
+			if d.IsDir() || top != "pg_wal" || strings.Contains(under, string(filepath.Separator)) ||
+				!strings.HasSuffix(under, ".history") || !d.Type().IsRegular() {
+				if d.IsDir() {
+					return filepath.SkipDir
+				}
+				return nil
+			}
+		}
 		if d.IsDir() {
 			info, err := d.Info()
 			if err != nil {
@@ -197,9 +221,6 @@ func copyDataDir(src, dst string, cred *syscall.Credential) error {
 		}
 		if !d.Type().IsRegular() || copySkipFile[rel] || strings.HasPrefix(d.Name(), "pgsql_tmp") ||
 			d.Name() == "pg_internal.init" {
-			return nil
-		}
-		if copySkip[parent] && !(parent == "pg_wal" && strings.HasSuffix(d.Name(), ".history")) {
 			return nil
 		}
 		if err := copyFile(path, target); err != nil {
@@ -227,4 +248,51 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	return out.Close()
+}
+
+// WaitSlotSynced waits until every running replica whose link is not cut
+// holds slot as a synchronized, persistent failover slot (PostgreSQL 17)
+// confirmed at least as far as the primary's. A standby refuses to keep a
+// slot whose catalog_xmin is older than it can guarantee, so the primary's
+// slot must be consumed past a running-transactions record made after the
+// standby started; WaitSlotSynced logs one (pg_log_standby_snapshot) every
+// half second for the slot's consumer to pass, and wakes the standbys'
+// slot sync workers.
+func (e *Env) WaitSlotSynced(ctx context.Context, slot string) error {
+	for _, dc := range e.DCs {
+		r := dc.Replica
+		if r == nil || !r.Replica || !r.Running() || (dc.ReplLink != nil && dc.ReplLink.IsCut()) {
+			continue
+		}
+		for nudge := time.Now(); ; {
+			var ok bool
+			err := r.QueryRowArgs(ctx, `SELECT coalesce(bool_or(synced AND NOT temporary AND failover
+					AND confirmed_flush_lsn >= $2::pg_lsn), false)
+				FROM pg_replication_slots WHERE slot_name = $1`, []any{slot, e.primarySlotLSN(ctx, slot)}, &ok)
+			if err == nil && ok {
+				break
+			}
+			if time.Since(nudge) > 500*time.Millisecond {
+				_ = e.Primary.Exec(ctx, "SELECT pg_log_standby_snapshot()")
+				// A reload wakes the standby's slot sync worker, whose
+				// naptime doubles up to 30 s while nothing changes.
+				_ = r.Exec(ctx, "SELECT pg_reload_conf()")
+				nudge = time.Now()
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("testenv: slot %s not synced on %s: %w (last error: %v)", slot, r.Name, ctx.Err(), err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	return nil
+}
+
+// primarySlotLSN is the primary's confirmed_flush_lsn of slot, or 0/0.
+func (e *Env) primarySlotLSN(ctx context.Context, slot string) string {
+	lsn := "0/0"
+	_ = e.Primary.QueryRowArgs(ctx, `SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1`,
+		[]any{slot}, &lsn)
+	return lsn
 }
