@@ -139,7 +139,10 @@ func (w *worker) recover(ctx context.Context) error {
 	}
 	var upTo uint64
 	if st.Flush {
-		if err := p.del.FlushAll(ctx, w.idx); err != nil {
+		fctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+		err := p.del.FlushAll(fctx, w.idx)
+		cancel()
+		if err != nil {
 			return fmt.Errorf("flush_all: %w", err)
 		}
 		p.m.Flushes.WithLabelValues(w.addr).Inc()
@@ -156,13 +159,7 @@ func (w *worker) recover(ctx context.Context) error {
 		upTo, err = p.backlog.Replay(ctx, w.addr, func(keys []string) error {
 			for len(keys) > 0 {
 				n := min(len(keys), p.cfg.MaxChunk)
-				var errs []error
-				if p.cfg.Mode == ModeStale {
-					errs = p.del.MarkStaleMulti(ctx, keys[:n], p.cfg.StaleTTL)
-				} else {
-					errs = p.del.DeleteMulti(ctx, keys[:n])
-				}
-				for _, err := range errs {
+				for _, err := range p.send(ctx, keys[:n]) {
 					if err != nil {
 						return err
 					}

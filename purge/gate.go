@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/backoff"
 )
 
 // ErrGateTimeout is returned by Gate.Wait when the replica did not reach the
@@ -166,12 +168,11 @@ func (g *Gate) down(ctx context.Context, fails *int, err error) {
 		g.log.Warn("replica unreachable; purges wait up to max_wait", zap.Error(err), zap.Duration("max_wait", g.cfg.MaxWait))
 	}
 	*fails++
-	d := min(50*time.Millisecond<<min(*fails, 6), 2*time.Second)
-	select {
-	case <-time.After(d):
-	case <-ctx.Done():
-	}
+	_ = gateRetry.Sleep(ctx, *fails-1)
 }
+
+// gateRetry is the backoff between attempts to reach the replica.
+var gateRetry = backoff.Policy{Min: 100 * time.Millisecond, Max: 2 * time.Second}
 
 // replayLSN reads the replica's replay position (a primary's current LSN).
 func replayLSN(ctx context.Context, conn *pgx.Conn) (uint64, error) {

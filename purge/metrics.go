@@ -22,8 +22,8 @@ type Metrics struct {
 	// RePurgeDropped counts keys whose second purge was given up (the
 	// bound on keys awaiting one was reached, or the purger stopped).
 	RePurgeDropped prometheus.Counter
-	// InvalidKeys counts keys dropped as no memcached key, by reason:
-	// empty, too_long, bad_byte.
+	// InvalidKeys counts keys dropped as no memcached key, by reason
+	// (mckey.Reason: empty, too_long, invalid_char).
 	InvalidKeys *prometheus.CounterVec
 	// Recorded, Replayed and Flushes are per server: keys recorded in the
 	// backlog while it was down, keys applied from the backlog once it
@@ -60,7 +60,7 @@ func NewMetrics(reg prometheus.Registerer, dc string) *Metrics {
 		flush:   prometheus.NewDesc("invalidator_server_flush_pending", "1 when this server's backlog overflowed: it is flushed (flush_all) when it returns.", []string{"server"}, l),
 		down:    prometheus.NewDesc("invalidator_server_down", "1 while the purger records this server's keys instead of applying them.", []string{"server"}, l),
 	}
-	for _, r := range []string{"empty", "too_long", "bad_byte"} {
+	for _, r := range []string{"empty", "too_long", "invalid_char"} {
 		inv.WithLabelValues(r)
 	}
 	if reg != nil {

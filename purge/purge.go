@@ -79,6 +79,9 @@ type Config struct {
 	// MaxChunk is the most keys one server's worker sends in one
 	// pipelined chain. 0 means 4096.
 	MaxChunk int
+	// Timeout bounds one attempt at a server (a chain of deletes, a
+	// probe, a flush), whatever the ctx's deadline. 0 means 1s.
+	Timeout time.Duration
 	// RetryMin and RetryMax bound the backoff between attempts at a
 	// server's failed keys. 0 means 10ms and 5s.
 	RetryMin, RetryMax time.Duration
@@ -101,7 +104,7 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxChunk: 4096,
-		RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
+		Timeout: time.Second, RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
 		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20}
 }
 
@@ -118,8 +121,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: retry min (%s) must be positive and not above retry max (%s)", ErrConfig, c.RetryMin, c.RetryMax)
 	case c.StaleTTL < time.Second:
 		return fmt.Errorf("%w: stale ttl (%s) must be at least 1s", ErrConfig, c.StaleTTL)
-	case c.Progress <= 0 || c.RecordAfter <= 0:
-		return fmt.Errorf("%w: progress (%s) and record after (%s) must be positive", ErrConfig, c.Progress, c.RecordAfter)
+	case c.Progress <= 0 || c.RecordAfter <= 0 || c.Timeout <= 0:
+		return fmt.Errorf("%w: progress (%s), record after (%s) and timeout (%s) must be positive", ErrConfig, c.Progress, c.RecordAfter, c.Timeout)
 	case c.MaxBacklogBytes < mckey.MaxLen:
 		return fmt.Errorf("%w: max backlog bytes (%d) must hold at least one key", ErrConfig, c.MaxBacklogBytes)
 	}
@@ -146,6 +149,7 @@ func (c *Config) defaults() {
 		c.MaxBacklogBytes = d.MaxBacklogBytes
 	}
 	set(&c.StaleTTL, d.StaleTTL)
+	set(&c.Timeout, d.Timeout)
 	set(&c.RetryMin, d.RetryMin)
 	set(&c.RetryMax, d.RetryMax)
 	set(&c.Progress, d.Progress)
@@ -443,7 +447,7 @@ func (p *Purger) validKeys(b *bus.Batch) []string {
 			keys = append(keys, k)
 			continue
 		}
-		reason := invalidReason(err)
+		reason := mckey.Reason(err)
 		p.m.InvalidKeys.WithLabelValues(reason).Inc()
 		shown := k
 		if len(shown) > 64 {
@@ -453,19 +457,6 @@ func (p *Purger) validKeys(b *bus.Batch) []string {
 			zap.Uint64("commit_lsn", b.CommitLSN), zap.String("origin", b.Origin), zap.Error(err))
 	}
 	return keys
-}
-
-// invalidReason is the metric label of a mckey error.
-func invalidReason(err error) string {
-	switch {
-	case errors.Is(err, mckey.ErrEmpty):
-		return "empty"
-	case errors.Is(err, mckey.ErrTooLong):
-		return "too_long"
-	case errors.Is(err, mckey.ErrBadByte):
-		return "bad_byte"
-	}
-	return "invalid"
 }
 
 // submit splits keys by server and queues each part on its server's

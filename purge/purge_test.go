@@ -252,7 +252,7 @@ func TestInvalidKeys(t *testing.T) {
 			t.Errorf("valid key %q applied %d times; want 1", k, f.count(k))
 		}
 	}
-	for reason, want := range map[string]float64{"empty": 1, "too_long": 1, "bad_byte": 3} {
+	for reason, want := range map[string]float64{"empty": 1, "too_long": 1, "invalid_char": 3} {
 		if got := counterValue(t, m.InvalidKeys.WithLabelValues(reason)); got != want {
 			t.Errorf("invalid keys %s: got %v; want %v", reason, got, want)
 		}

@@ -204,12 +204,7 @@ func (w *worker) apply(ctx context.Context, parts []*part) []*part {
 			keys = append(keys, pt.keys...)
 		}
 	}
-	var errs []error
-	if p.cfg.Mode == ModeStale {
-		errs = p.del.MarkStaleMulti(ctx, keys, p.cfg.StaleTTL)
-	} else {
-		errs = p.del.DeleteMulti(ctx, keys)
-	}
+	errs := p.send(ctx, keys)
 	var failed []*part
 	var firstErr error
 	nfail, done := 0, 0
@@ -277,7 +272,7 @@ func (w *worker) runDown(ctx context.Context, nextProbe *time.Time, attempt *int
 	}
 	*nextProbe = time.Now().Add(probe.Delay(*attempt))
 	*attempt++
-	pctx, cancel := context.WithTimeout(ctx, time.Second)
+	pctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	err := p.del.NoOp(pctx, w.idx)
 	cancel()
 	if err != nil {
@@ -290,4 +285,14 @@ func (w *worker) runDown(ctx context.Context, nextProbe *time.Time, attempt *int
 		return false
 	}
 	return true
+}
+
+// send applies keys in the configured mode, within one Timeout.
+func (p *Purger) send(ctx context.Context, keys []string) []error {
+	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
+	defer cancel()
+	if p.cfg.Mode == ModeStale {
+		return p.del.MarkStaleMulti(ctx, keys, p.cfg.StaleTTL)
+	}
+	return p.del.DeleteMulti(ctx, keys)
 }

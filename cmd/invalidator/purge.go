@@ -42,7 +42,7 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jets
 		gate = gt
 	}
 	m := purge.NewMetrics(d.reg, d.cfg.DC)
-	p, err := purge.New(purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL}, pool, gate, m, log)
+	p, err := purge.New(purge.Config{DC: d.cfg.DC, Mode: pc.Mode, StaleTTL: pc.StaleTTL, Timeout: pc.Timeout}, pool, gate, m, log)
 	if err != nil {
 		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
