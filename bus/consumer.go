@@ -8,6 +8,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
+
+	"github.com/pgcache/pgcache/backoff"
 )
 
 // ConsumerConfig names one datacenter's durable consumer.
@@ -90,9 +92,7 @@ func (c *Consumer) Run(ctx context.Context, handle func(*Delivery)) error {
 		}
 		d := retry.Delay(attempt)
 		c.log.Warn("consumer interrupted; retrying", zap.String("durable", c.cfg.Durable()), zap.Error(err), zap.Duration("retry_in", d))
-		select {
-		case <-time.After(d):
-		case <-ctx.Done():
+		if backoff.Wait(ctx, d) != nil {
 			return nil
 		}
 	}
