@@ -26,7 +26,10 @@ type TimelineSwitch struct {
 
 // FailoverOptions says how Env.Failover fails over.
 type FailoverOptions struct {
-	// Target is the replica to promote; nil means the first DC's replica.
+	// Target is the replica to promote. nil means the one that has
+	// received the most WAL once the old primary is stopped (the first
+	// DC's on a tie), as Patroni picks: a replica further ahead than the
+	// promoted one could not follow it.
 	Target *Postgres
 	// Switchover stops the old primary with a fast shutdown, which first
 	// sends its WAL to the connected replicas, instead of kill -9.
@@ -67,26 +70,32 @@ type Failover struct {
 // new timeline.
 func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, error) {
 	target := opts.Target
-	if target == nil && len(e.DCs) > 0 {
-		target = e.DCs[0].Replica
+	if target != nil && (!target.Replica || !target.Running()) {
+		return nil, fmt.Errorf("failover: %s: %w", target.Name, ErrNotReplica)
 	}
-	if target == nil || !target.Replica || !target.Running() {
+	var replicas []*Postgres
+	for _, dc := range e.DCs {
+		if dc.Replica != nil && dc.Replica.Replica && dc.Replica.Running() {
+			replicas = append(replicas, dc.Replica)
+		}
+	}
+	if len(replicas) == 0 {
 		return nil, fmt.Errorf("failover: %w", ErrNotReplica)
 	}
+	// Every replica gets its slot on every other before the promotion, so
+	// that the one promoted keeps the WAL the others need from it.
+	for _, r := range replicas {
+		for _, o := range replicas {
+			if o == r || (target != nil && r != target) {
+				continue
+			}
+			if err := r.Exec(ctx, `SELECT pg_create_physical_replication_slot($1, true)
+				WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)`, o.Slot); err != nil {
+				return nil, fmt.Errorf("failover: slot for %s on %s: %w", o.Name, r.Name, err)
+			}
+		}
+	}
 	old := e.Primary
-	f := &Failover{OldPrimary: old, NewPrimary: target}
-	var others []*DC
-	for _, dc := range e.DCs {
-		if dc.Replica != nil && dc.Replica != target && dc.Replica.Running() {
-			others = append(others, dc)
-		}
-	}
-	for _, dc := range others {
-		if err := target.Exec(ctx, `SELECT pg_create_physical_replication_slot($1, true)
-			WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)`, dc.Replica.Slot); err != nil {
-			return nil, fmt.Errorf("failover: slot for %s: %w", dc.Replica.Name, err)
-		}
-	}
 	start := time.Now()
 	if old != nil && old.Running() {
 		stop := old.Kill
@@ -95,6 +104,31 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 		}
 		if err := stop(); err != nil {
 			return nil, fmt.Errorf("failover: stop %s: %w", old.Name, err)
+		}
+	}
+	if target == nil {
+		var err error
+		if target, err = mostAdvanced(ctx, replicas); err != nil {
+			return nil, fmt.Errorf("failover: %w", err)
+		}
+	}
+	f := &Failover{OldPrimary: old, NewPrimary: target}
+	var others []*DC
+	for _, dc := range e.DCs {
+		if dc.Replica != nil && dc.Replica != target && dc.Replica.Running() {
+			others = append(others, dc)
+		}
+	}
+	// Slots made for a choice not taken would hold WAL forever.
+	for _, r := range replicas {
+		if r == target {
+			continue
+		}
+		for _, o := range replicas {
+			if o != r {
+				_ = r.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+					WHERE slot_name = $1 AND NOT active`, o.Slot)
+			}
 		}
 	}
 	if err := target.Promote(ctx); err != nil {
@@ -131,6 +165,29 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 		}
 	}
 	return f, nil
+}
+
+// mostAdvanced is the replica that has received the most WAL, the first on
+// a tie.
+func mostAdvanced(ctx context.Context, replicas []*Postgres) (*Postgres, error) {
+	var best *Postgres
+	var bestLSN string
+	for _, r := range replicas {
+		var lsn string
+		if err := r.QueryRow(ctx, `SELECT greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text`, &lsn); err != nil {
+			return nil, err
+		}
+		ahead := best == nil
+		if !ahead {
+			if err := r.QueryRowArgs(ctx, "SELECT $1::pg_lsn > $2::pg_lsn", []any{lsn, bestLSN}, &ahead); err != nil {
+				return nil, err
+			}
+		}
+		if ahead {
+			best, bestLSN = r, lsn
+		}
+	}
+	return best, nil
 }
 
 // repoint makes dc's replica follow primary through a new link.

@@ -16,11 +16,13 @@ import (
 // system's 15 and scripts/setup.sh's 17.
 var pgVersions = []int{15, 17}
 
-// TestFailover kills the primary with kill -9, promotes dc1's replica and
-// checks that the environment follows: a write made before the failover is
-// on the new primary, the new timeline and its switch LSN are reported,
-// dc2's replica streams from the new primary and replays a write made after
-// the promotion, and dc2's link still cuts its replication.
+// TestFailover kills the primary with kill -9 while the replicas' links are
+// cut, promotes a replica and checks that the environment follows: the
+// write made before the cut is on the new primary and the one made during
+// it is not (the switch LSN lies between them), the new timeline and its
+// history are reported, a multi-host DSN finds the new primary, the other
+// replica streams from the new primary and replays a write made after the
+// promotion, and its DC's link still cuts its replication.
 func TestFailover(t *testing.T) {
 	for _, v := range pgVersions {
 		t.Run(fmt.Sprintf("pg%d", v), func(t *testing.T) {
@@ -49,20 +51,36 @@ func TestFailover(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-
-			// A client that lists both hosts finds whichever accepts writes.
-			multi := testenv.MultiHostDSN("", old, env.DC("dc1").Replica)
+			// A commit no replica receives: the old timeline's last word.
+			for _, dc := range env.DCs {
+				dc.ReplLink.Cut()
+			}
+			if err := old.Exec(ctx, "INSERT INTO t VALUES (2, 'lost')"); err != nil {
+				t.Fatal(err)
+			}
+			lost, err := old.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A client that lists every host finds whichever accepts writes.
+			multi := testenv.MultiHostDSN("", old, env.DC("dc1").Replica, env.DC("dc2").Replica)
 
 			f, err := env.Failover(ctx, testenv.FailoverOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
 			t.Logf("pg%d: promoted %s in %s; timeline %d, history %+v", v, f.NewPrimary.Name, f.Promoted.Round(time.Millisecond), f.Timeline, f.History)
+			var other *testenv.DC
+			for _, dc := range env.DCs {
+				if dc.Replica != f.NewPrimary {
+					other = dc
+				}
+			}
+			if other == nil || env.Primary != f.NewPrimary || f.OldPrimary != old {
+				t.Fatalf("got Env.Primary %s, new primary %s; want a DC's replica promoted", env.Primary.Name, f.NewPrimary.Name)
+			}
 			if old.Running() {
 				t.Errorf("old primary still running after failover")
-			}
-			if env.Primary != f.NewPrimary || f.NewPrimary != env.DC("dc1").Replica {
-				t.Fatalf("got Env.Primary %s; want dc1's replica", env.Primary.Name)
 			}
 			if f.NewPrimary.Replica {
 				t.Errorf("promoted server still marked Replica")
@@ -73,24 +91,35 @@ func TestFailover(t *testing.T) {
 			if len(f.History) != 1 || f.History[0].Parent != 1 {
 				t.Fatalf("got history %+v; want one switch from timeline 1", f.History)
 			}
-			var past bool
-			if err := f.NewPrimary.QueryRowArgs(ctx, "SELECT $1::pg_lsn >= $2::pg_lsn", []any{f.SwitchLSN, before}, &past); err != nil {
+			var between bool
+			if err := f.NewPrimary.QueryRowArgs(ctx, "SELECT $1::pg_lsn >= $2::pg_lsn AND $1::pg_lsn < $3::pg_lsn",
+				[]any{f.SwitchLSN, before, lost}, &between); err != nil {
 				t.Fatal(err)
 			}
-			if !past {
-				t.Errorf("got switch LSN %s; want at or past the last write's %s", f.SwitchLSN, before)
+			if !between {
+				t.Errorf("got switch LSN %s; want at or past %s (received) and before %s (lost)", f.SwitchLSN, before, lost)
 			}
-			if len(f.Repointed) != 1 || f.Repointed[0] != env.DC("dc2").Replica {
-				t.Fatalf("got repointed %v; want dc2's replica", f.Repointed)
+			if len(f.Repointed) != 1 || f.Repointed[0] != other.Replica {
+				t.Fatalf("got repointed %v; want %s", f.Repointed, other.Replica.Name)
+			}
+			// The repointed replica's new link is cut as its old one was.
+			if !other.ReplLink.IsCut() {
+				t.Errorf("%s: new replication link is not cut", other.Name)
+			}
+			for _, dc := range env.DCs {
+				dc.ReplLink.Heal()
+			}
+			if err := other.Replica.WaitTimeline(ctx, f.Timeline); err != nil {
+				t.Fatal(err)
 			}
 
-			// The write from before the failover survived it.
-			var got string
-			if err := f.NewPrimary.QueryRow(ctx, "SELECT v FROM t WHERE id = 1", &got); err != nil {
+			// The write from before the failover survived it; the lost one did not.
+			var rows string
+			if err := f.NewPrimary.QueryRow(ctx, "SELECT string_agg(v, ',' ORDER BY id) FROM t", &rows); err != nil {
 				t.Fatal(err)
 			}
-			if got != "before" {
-				t.Errorf("got %q; want %q", got, "before")
+			if rows != "before" {
+				t.Errorf("new primary: got rows %q; want %q", rows, "before")
 			}
 			// The multi-host DSN lands on the new primary.
 			conn, err := pgx.Connect(ctx, multi)
@@ -106,32 +135,31 @@ func TestFailover(t *testing.T) {
 				t.Errorf("multi-host DSN reached port %d; want the new primary's %d", port, f.NewPrimary.Port)
 			}
 
-			// A write after the promotion reaches dc2's replica, which
+			// A write after the promotion reaches the other replica, which
 			// streams timeline 2 from the new primary.
-			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (2, 'after')"); err != nil {
+			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (3, 'after')"); err != nil {
 				t.Fatal(err)
 			}
 			after, err := f.NewPrimary.CurrentLSN(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
-			r2 := env.DC("dc2").Replica
+			r2 := other.Replica
 			if err := r2.WaitReplayed(ctx, after); err != nil {
 				t.Fatal(err)
 			}
-			var rows string
 			if err := r2.QueryRow(ctx, "SELECT string_agg(v, ',' ORDER BY id) FROM t", &rows); err != nil {
 				t.Fatal(err)
 			}
 			if rows != "before,after" {
-				t.Errorf("dc2 replica: got rows %q; want %q", rows, "before,after")
+				t.Errorf("%s: got rows %q; want %q", r2.Name, rows, "before,after")
 			}
 			tli, err := r2.Timeline(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if tli != 2 {
-				t.Errorf("dc2 replica: got timeline %d; want 2", tli)
+				t.Errorf("%s: got timeline %d; want 2", r2.Name, tli)
 			}
 			var sender string
 			if err := f.NewPrimary.QueryRowArgs(ctx, "SELECT state FROM pg_stat_replication WHERE application_name = $1",
@@ -142,11 +170,11 @@ func TestFailover(t *testing.T) {
 				t.Errorf("walsender to %s: got state %q; want streaming", r2.Name, sender)
 			}
 
-			// dc2's new link carries its replication: cutting it stops replay.
-			if err := env.Cut("dc2"); err != nil {
+			// The DC's new link carries its replication: cutting it stops replay.
+			if err := env.Cut(other.Name); err != nil {
 				t.Fatal(err)
 			}
-			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (3, 'cut')"); err != nil {
+			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (4, 'cut')"); err != nil {
 				t.Fatal(err)
 			}
 			cut, err := f.NewPrimary.CurrentLSN(ctx)
@@ -157,9 +185,9 @@ func TestFailover(t *testing.T) {
 			err = r2.WaitReplayed(short, cut)
 			cancel()
 			if err == nil {
-				t.Errorf("dc2 replica replayed %s through a cut link", cut)
+				t.Errorf("%s replayed %s through a cut link", r2.Name, cut)
 			}
-			if err := env.Heal("dc2"); err != nil {
+			if err := env.Heal(other.Name); err != nil {
 				t.Fatal(err)
 			}
 			if err := r2.WaitReplayed(ctx, cut); err != nil {
