@@ -81,9 +81,10 @@ type Config struct {
 // LeaseConfig configures leases (see the package documentation).
 type LeaseConfig struct {
 	// TTL is how long a winner may take to fill, rounded up to whole
-	// seconds (memcached's unit) and at least 1s. It is the TTL of the
-	// empty item memcached creates on a miss (mg N<ttl>) and of the lease
-	// records. 0: leases off; gets are plain reads.
+	// seconds (memcached's unit) and at least 1s: after it, another
+	// reader takes the lease over (and its fill is refused). It is also
+	// how long this proxy keeps a lease's local record (MaxRecords).
+	// 0: leases off; gets are plain reads.
 	TTL time.Duration
 	// Wait is how long a reader that lost the lease waits for the
 	// winner's value before it gets a miss. 0: no waiting.

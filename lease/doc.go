@@ -21,16 +21,17 @@
 //
 // # Leases
 //
-// A read sends "mg <key> v f c N<ttl>". memcached creates an empty item
-// on a miss and gives W (won) to exactly one reader across all proxies;
-// the others see Z. The winner's client gets a miss and is expected to
+// A read sends "mg <key> v f c t N<memory>". memcached creates an empty
+// item on a miss and gives W (won) to exactly one reader across all
+// proxies; the others see Z. The winner's client gets a miss and is expected to
 // fill the key from the database and set it. Readers that see Z wait up
 // to Lease.Wait: per key and proxy, one poller reads the key again
 // (PollMin, doubling up to PollMax) and hands the value to every waiter,
 // so N waiters cost one poll per interval, not N. When the poller finds
-// the lease gone (expired, or invalidated by a delete) it wins a new one
+// the lease gone (taken over, or invalidated by a delete) it wins a new one
 // and hands it to the longest waiter, which fills. A waiter still without
-// a value at the end of Lease.Wait gets a miss.
+// a value at the end of Lease.Wait gets a miss. A lease older than
+// Lease.TTL is taken over (see Late fills).
 //
 // An item the purger marked stale (md I) is returned with X; memcached
 // gives W to one reader, who refills, and Z to the rest. With Lease.Stale
@@ -98,14 +99,18 @@
 // # Late fills
 //
 // A fill is refused however late it comes, within Lease.Memory of its
-// miss, if its key was invalidated since: memcached's empty item of the
-// lease lives only Lease.TTL, but the proxy remembers the lease, and a
-// fill whose item is gone, stale or another lease's is refused. Past
-// Lease.TTL memcached has dropped the empty item, and the proxy cannot
-// tell that from an invalidation, so a fill slower than Lease.TTL is
-// refused too: set it above the slowest fill. A set later than
-// Lease.Memory after its miss is no longer known as a fill and is
-// stored as a plain write.
+// miss, if its key was invalidated since. The empty item of a lease is
+// created with Lease.Memory as its TTL (mg N<memory>), so that a slow
+// fill finds it (and is stored) unless an invalidation deleted it or
+// marked it stale. The lease itself still lasts Lease.TTL: a reader
+// that finds another client's empty item (Z) older than that (mg t: less
+// than Memory - TTL left) takes it over: it marks it stale (md I
+// C<cas>), which bumps its CAS, and memcached gives W to the next
+// reader. The fill of a lease taken over is refused, as after an
+// invalidation, so on a key read often a fill slower than Lease.TTL is
+// refused and the new winner's stored: set Lease.TTL above the slowest
+// fill. A set later than Lease.Memory after its miss is no longer known
+// as a fill and is stored as a plain write.
 //
 // A set that the proxy cannot tie to a lease by its connection (another
 // connection: clients pool them; another proxy; a write-through of a

@@ -99,6 +99,11 @@ func (f *fakeBackend) MetaGet(_ context.Context, key string, flags ...string) (m
 		case 's':
 			r.Size = int64(len(it.value))
 			out = append(out, "s"+strconv.Itoa(len(it.value)))
+		case 't':
+			r.TTL = it.exptimeSet
+			if r.TTL == 0 {
+				r.TTL = -1
+			}
 		case 'k':
 			r.Key = key
 			out = append(out, "k"+key)

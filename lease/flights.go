@@ -430,6 +430,12 @@ func (l *leaser) poll(key string, f *flight) {
 		case serveStale:
 			l.settle(key, f, outcome{kind: gotValue, item: itemOf(&resp), stale: true})
 			return
+		case l.overdue(&resp):
+			// The lease ran past Lease.TTL unfilled: take it over; the
+			// next poll, at once, wins a new one for a waiter.
+			l.takeOver(context.Background(), key, resp.CAS)
+			t.Reset(0)
+			continue
 		case resp.Stale, resp.Claimed && isStub(&resp):
 			// still being filled
 		default:

@@ -30,91 +30,146 @@ func TestLateFill(t *testing.T) {
 		{"md", func(p *proxy, key string) error { return p.Pool.Delete(context.Background(), key) }},
 		{"mdI-T30", func(p *proxy, key string) error { return p.Pool.MarkStale(context.Background(), key, 30*time.Second) }},
 	}
+	// Every case first misses, is invalidated (and, for some, a new
+	// lease is won and filled); then, once the slowest query would be
+	// done, every case's fill arrives.
+	type lateCase struct {
+		name, key, at string
+		a             *client // got the lease
+		want          string  // what readers get at the end
+	}
+	var cases []*lateCase
+	var last time.Time
 	for _, inv := range invs {
 		for _, at := range []string{"same-connection", "other-connection", "other-proxy"} {
 			for _, between := range []bool{false, true} {
-				name := inv.name + "/" + at
+				lc := &lateCase{name: inv.name + "/" + at, at: at}
 				if between {
-					name += "/after-a-new-lease-filled"
+					lc.name += "/after-a-new-lease-filled"
 				}
-				t.Run(name, func(t *testing.T) {
-					t.Parallel()
-					key := "late:" + name
-					a := dial(t, p1.Addr)
-					if _, ok := a.get1(key); ok {
-						t.Fatal("got a hit; want a miss that wins the lease")
+				lc.key = "late:" + lc.name
+				lc.a = dial(t, p1.Addr)
+				if _, ok := lc.a.get1(lc.key); ok {
+					t.Fatalf("%s: got a hit; want a miss that wins the lease", lc.name)
+				}
+				last = time.Now()
+				// A reads the database (old row)... the commit's
+				// invalidation is applied...
+				if err := inv.run(p1, lc.key); err != nil {
+					t.Fatalf("%s: invalidate: %v", lc.name, err)
+				}
+				if between {
+					// ... a reader after the invalidation wins a new
+					// lease and fills with the new row ...
+					b := dial(t, p2.Addr)
+					if v, ok := b.get1(lc.key); ok {
+						t.Fatalf("%s: reader after the invalidation: got %q; want a miss", lc.name, v)
 					}
-					start := time.Now()
-					// A reads the database (old row)... the commit's
-					// invalidation is applied...
-					if err := inv.run(p1, key); err != nil {
-						t.Fatalf("invalidate: %v", err)
+					if got := b.set(lc.key, "new-row"); got != "STORED" {
+						t.Fatalf("%s: fresh fill: got %q; want STORED", lc.name, got)
 					}
-					want := "" // what a reader gets at the end: a miss
-					if between {
-						// ... a reader after the invalidation wins a new
-						// lease and fills with the new row ...
-						b := dial(t, p2.Addr)
-						if v, ok := b.get1(key); ok {
-							t.Fatalf("reader after the invalidation: got %q; want a miss", v)
-						}
-						if got := b.set(key, "new-row"); got != "STORED" {
-							t.Fatalf("fresh fill: got %q; want STORED", got)
-						}
-						want = "new-row"
-					}
-					// ... and A's fill arrives late.
-					time.Sleep(late - time.Since(start))
-					var setter *client
-					switch at {
-					case "same-connection":
-						setter = a
-					case "other-connection":
-						setter = dial(t, p1.Addr)
-					default:
-						setter = dial(t, p2.Addr)
-					}
-					if got := setter.set(key, "old-row"); got != "NOT_STORED" {
-						t.Fatalf("fill %s after the invalidation: got %q; want NOT_STORED", time.Since(start).Round(time.Millisecond), got)
-					}
-					for _, p := range []*proxy{p1, p2} {
-						v, _ := dial(t, p.Addr).get1(key)
-						if v != want {
-							t.Errorf("read at %s: got %q; want %q", p.Addr, v, want)
-						}
-					}
-				})
+					lc.want = "new-row"
+				}
+				cases = append(cases, lc)
 			}
 		}
 	}
+	// ... and A's fill arrives late.
+	time.Sleep(late - time.Since(last))
+	for _, lc := range cases {
+		t.Run(lc.name, func(t *testing.T) {
+			var setter *client
+			switch lc.at {
+			case "same-connection":
+				setter = lc.a
+			case "other-connection":
+				setter = dial(t, p1.Addr)
+			default:
+				setter = dial(t, p2.Addr)
+			}
+			if got := setter.set(lc.key, "old-row"); got != "NOT_STORED" {
+				t.Fatalf("fill after the invalidation: got %q; want NOT_STORED", got)
+			}
+			for _, p := range []*proxy{p1, p2} {
+				if v, _ := dial(t, p.Addr).get1(lc.key); v != lc.want {
+					t.Errorf("read at %s: got %q; want %q", p.Addr, v, lc.want)
+				}
+			}
+		})
+	}
 }
 
-// TestLateFillNoInvalidation: without an invalidation, the fill of a
-// lease on the connection that got it is stored however slow, within
-// lease.ttl, and a set that follows a fill is an ordinary write.
+// TestLateFillNoInvalidation: without an invalidation, a fill is stored
+// however slow (5s here, lease.ttl 2s), on the connection that got the
+// lease or through another proxy, and a set that follows a fill is an
+// ordinary write. If another reader came after lease.ttl, it took the
+// lease over: the slow fill is refused and the new winner's stored.
 func TestLateFillNoInvalidation(t *testing.T) {
 	addrs, _ := memcachedAddrs(t, 2)
 	cfg := testConfig()
+	cfg.Lease.TTL = 2 * time.Second
 	p1, p2 := startProxy(t, cfg, addrs), startProxy(t, cfg, addrs)
-	for i, setAt := range []*proxy{p1, p2} {
-		key := fmt.Sprintf("late:none:%d", i)
-		a := dial(t, p1.Addr)
-		if _, ok := a.get1(key); ok {
-			t.Fatal("got a hit; want a miss")
+	const late = 5 * time.Second
+	type slowCase struct {
+		name      string
+		setAt     *proxy
+		takenOver bool
+		key       string
+		a, b      *client // a got the lease; b took it over
+	}
+	cases := []*slowCase{
+		{name: "same-connection", setAt: p1},
+		{name: "other-proxy", setAt: p2},
+		{name: "taken-over", setAt: p1, takenOver: true},
+	}
+	start := time.Now()
+	for _, sc := range cases {
+		sc.key = "late:none:" + sc.name
+		sc.a = dial(t, p1.Addr)
+		if _, ok := sc.a.get1(sc.key); ok {
+			t.Fatalf("%s: got a hit; want a miss", sc.name)
 		}
-		c := a
-		if setAt == p2 {
-			c = dial(t, p2.Addr)
+	}
+	// After lease.ttl, another reader takes one lease over.
+	time.Sleep(3500*time.Millisecond - time.Since(start))
+	for _, sc := range cases {
+		if sc.takenOver {
+			sc.b = dial(t, p2.Addr)
+			if v, ok := sc.b.get1(sc.key); ok {
+				t.Fatalf("%s: reader after lease.ttl: got %q; want a miss that takes the lease over", sc.name, v)
+			}
 		}
-		if got := c.set(key, "v1"); got != "STORED" {
-			t.Fatalf("fill: got %q; want STORED", got)
-		}
-		if got := dial(t, setAt.Addr).set(key, "v2"); got != "STORED" {
-			t.Fatalf("write after the fill: got %q; want STORED", got)
-		}
-		if v, _ := dial(t, p2.Addr).get1(key); v != "v2" {
-			t.Errorf("got %q; want %q", v, "v2")
-		}
+	}
+	time.Sleep(late - time.Since(start))
+	for _, sc := range cases {
+		t.Run(sc.name, func(t *testing.T) {
+			c := sc.a
+			if sc.setAt == p2 {
+				c = dial(t, p2.Addr)
+			}
+			got := c.set(sc.key, "slow-row")
+			if sc.takenOver {
+				if got != "NOT_STORED" {
+					t.Fatalf("fill of the lease taken over: got %q; want NOT_STORED", got)
+				}
+				if got := sc.b.set(sc.key, "new-row"); got != "STORED" {
+					t.Errorf("new winner's fill: got %q; want STORED", got)
+				}
+				if v, _ := dial(t, p1.Addr).get1(sc.key); v != "new-row" {
+					t.Errorf("got %q; want %q", v, "new-row")
+				}
+				return
+			}
+			if got != "STORED" {
+				t.Fatalf("slow fill, no invalidation: got %q; want STORED", got)
+			}
+			if got := dial(t, sc.setAt.Addr).set(sc.key, "v2"); got != "STORED" {
+				t.Fatalf("write after the fill: got %q; want STORED", got)
+			}
+			if v, _ := dial(t, p2.Addr).get1(sc.key); v != "v2" {
+				t.Errorf("got %q; want %q", v, "v2")
+			}
+		})
 	}
 }
 

@@ -115,8 +115,12 @@ func newLeaser(cfg LeaseConfig, be Backend, log *zap.Logger, st *counters) *leas
 		l.shards[i].flights = make(map[string]*flight)
 	}
 	if cfg.TTL > 0 {
-		l.nTTL = "N" + strconv.FormatInt(cfg.ttlSeconds(), 10)
-		l.getFlags = []string{"v", "f", "c", l.nTTL}
+		// The empty item of a lease lives Lease.Memory, so that a slow
+		// fill finds it unless the key was invalidated; the lease itself
+		// ends after Lease.TTL, when a reader takes it over (see
+		// overdue). t returns the item's remaining TTL for that.
+		l.nTTL = "N" + strconv.FormatInt(cfg.memorySeconds(), 10)
+		l.getFlags = []string{"v", "f", "c", "t", l.nTTL}
 		l.wg.Add(1)
 		go l.sweeper()
 	}
@@ -282,6 +286,15 @@ func (l *leaser) result(ctx context.Context, key string, f *flight, resp *mcpool
 			l.settleRead(key, f, outcome{kind: gotValue, item: it, stale: true})
 		}
 		return getResult{found: true, item: it, stale: true}, nil
+	case l.overdue(resp):
+		// Another client's lease ran past Lease.TTL unfilled: take it
+		// over, and read again (this reader or another wins a new one).
+		l.takeOver(ctx, key, resp.CAS)
+		again, err := l.be.MetaGet(ctx, key, l.getFlags...)
+		if err != nil || again.Status != mcpool.StatusVA || !l.overdue(&again) {
+			return l.result(ctx, key, f, &again, err, start)
+		}
+		// The take-over failed: wait as for any lease, without looping.
 	case resp.Stale, resp.Claimed && isStub(resp):
 		// Another client holds the lease: wait for its value.
 	default:
@@ -302,6 +315,28 @@ func (l *leaser) result(ctx context.Context, key string, f *flight, resp *mcpool
 }
 
 var plainGetFlags = []string{"v", "f", "c"}
+
+// overdue reports whether resp is the empty item of another client's
+// lease (Z) handed out more than Lease.TTL ago: it was created with
+// Lease.Memory as TTL (mg N), and less than Memory - TTL is left. A
+// stale one (marked by the purger, whose TTL it then has) is not: its
+// lease is handed back by the proxy that gave it (see sweeper).
+func (l *leaser) overdue(resp *mcpool.Response) bool {
+	return resp.Claimed && !resp.Win && !resp.Stale && isStub(resp) &&
+		resp.TTL >= 0 && l.cfg.memorySeconds()-resp.TTL >= l.cfg.ttlSeconds()
+}
+
+// takeOver ends an overdue lease on key's empty item cas: it marks the
+// item stale (md I C<cas>), which bumps its CAS, so that the lease's late
+// fill is refused, and memcached gives W to the next reader.
+func (l *leaser) takeOver(ctx context.Context, key string, cas uint64) {
+	l.st.takeovers.Add(1)
+	_, err := l.be.MetaDelete(ctx, key, mcpool.DeleteOptions{Invalidate: true, CAS: cas})
+	if err != nil {
+		l.st.backendErrors.Add(1)
+		l.log.Debug("take over lease", zap.String("key", key), zap.Error(err))
+	}
+}
 
 // plainResult is what a client gets for key from a read with leases off
 // (mg v f c). A stale item is a miss; if the read took its refill token

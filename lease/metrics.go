@@ -66,6 +66,7 @@ func NewCollector(namespace string, s *Server, servers func() []mcpool.ServerSta
 	add("lease_stale_serves_total", "Stale values served while a refill was in flight.", func(s *Stats) uint64 { return s.StaleServes })
 	add("lease_fills_total", "Fills stored under a lease.", func(s *Stats) uint64 { return s.Fills })
 	add("lease_foreign_fills_total", "Fills checked against a lease record written by another proxy.", func(s *Stats) uint64 { return s.ForeignFills })
+	add("lease_takeovers_total", "Leases of other clients taken over after lease.ttl unfilled (their empty item marked stale; a new lease is won).", func(s *Stats) uint64 { return s.LeaseTakeovers })
 	add("lease_broken_total", "Leases won while an earlier lease of the key was still outstanding: sets not tied to a lease are refused until that lease's memory ends.", func(s *Stats) uint64 { return s.BrokenLeases })
 	add("lease_refused_broken_total", "Sets refused because their key's lease record was broken.", func(s *Stats) uint64 { return s.RefusedBroken })
 	add("lease_refused_fills_total", "Fills refused: invalidated or expired lease, or lease record unreadable.", func(s *Stats) uint64 { return s.RefusedFills })

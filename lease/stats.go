@@ -27,6 +27,7 @@ type Stats struct {
 	LeaseWaitTimeouts uint64 // waits that ended with a miss
 	LeasePolls        uint64 // polls made for waiters
 	LeaseReleases     uint64 // leases handed back unfilled
+	LeaseTakeovers    uint64 // leases of other clients taken over after Lease.TTL unfilled
 	StaleServes       uint64 // stale values served during a refill
 	Fills             uint64 // fills stored under a lease
 	ForeignFills      uint64 // of those tried, fills checked against another proxy's lease record
@@ -48,7 +49,7 @@ type counters struct {
 	hits, misses                                                     atomic.Uint64
 	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
-	broken, refusedBroken                                            atomic.Uint64
+	broken, refusedBroken, takeovers                                 atomic.Uint64
 	protocolErrors, backendErrors, writeTimeouts                     atomic.Uint64
 
 	// waitBuckets[i] counts waits of at most waitBounds[i]; the last one
@@ -95,6 +96,7 @@ func (c *counters) snapshot() Stats {
 		LeaseWaitTimeouts: c.waitTimeouts.Load(),
 		LeasePolls:        c.polls.Load(),
 		LeaseReleases:     c.releases.Load(),
+		LeaseTakeovers:    c.takeovers.Load(),
 		StaleServes:       c.staleServes.Load(),
 		Fills:             c.fills.Load(),
 		ForeignFills:      c.foreignFills.Load(),
@@ -130,6 +132,7 @@ func (s Stats) statLines() [][2]string {
 		{"lease_wait_timeouts", u(s.LeaseWaitTimeouts)},
 		{"lease_polls", u(s.LeasePolls)},
 		{"lease_releases", u(s.LeaseReleases)},
+		{"lease_takeovers", u(s.LeaseTakeovers)},
 		{"lease_stale_serves", u(s.StaleServes)},
 		{"lease_fills", u(s.Fills)},
 		{"lease_foreign_fills", u(s.ForeignFills)},
