@@ -99,5 +99,5 @@ for attack in multiget slowread declared; do
 done
 for attack in multiget slowread declared; do
 	awk -v a="$attack" -v l="${PEAK[leaseproxy.$attack]}" -v n="${PEAK[nutcracker.$attack]}" \
-		'BEGIN { printf "%s: peak RSS leaseproxy/nutcracker %.2fx (%d MB against %d MB)\n", a, l/n, l, n }'
+		'BEGIN { printf "%s: peak RSS leaseproxy/nutcracker %.3fx (%d MB against %d MB)\n", a, l/n, l, n }'
 done
