@@ -180,8 +180,9 @@ type multiGetter interface {
 // a second mg would see the first one's lease.
 //
 // Before the reads go out, perKey bytes per key sent are reserved from
-// bud (reserved; the caller releases them once it has written the
-// values): the values read are allocated as they arrive.
+// bud, as the values read are allocated as they arrive; once they have
+// come, only their size stays reserved (reserved; the caller releases it
+// once it has written them).
 func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, errs []error, bud *budget, perKey int64) (reserved int64, ok bool) {
 	mg, ok := l.be.(multiGetter)
 	if !ok {
@@ -226,6 +227,17 @@ func (l *leaser) getMulti(ctx context.Context, keys []string, out []getResult, e
 		bud.acquire(reserved)
 	}
 	resps, rerrs := mg.MetaGetMulti(ctx, send, flags...)
+	if reserved > 0 {
+		// Keep only what the values take, while they are written out.
+		var got int64
+		for j := range resps {
+			got += int64(len(resps[j].Value))
+		}
+		if got < reserved {
+			bud.release(reserved - got)
+			reserved = got
+		}
+	}
 	for j, i := range idx {
 		if l.enabled() {
 			out[i], errs[i] = l.result(ctx, keys[i], fls[j], &resps[j], rerrs[j], start)
