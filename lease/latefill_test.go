@@ -240,3 +240,34 @@ func TestLeaseMemoryCost(t *testing.T) {
 	t.Logf("proxy: %d leases kept of %d on one connection; at most %d x %d bytes x 2 = %d KiB per connection",
 		len(cn.leases), n, maxBindings, entry, maxBindings*entry*2>>10)
 }
+
+// TestParseRecord: lease records round-trip, an older proxy's bare CAS
+// reads as a lease handed out now, and anything else is no record.
+func TestParseRecord(t *testing.T) {
+	tests := []struct {
+		in   string
+		want leaseRecord
+		ok   bool
+	}{
+		{"12 1700000000 0 0", leaseRecord{cas: 12, won: 1700000000}, true},
+		{"12 1700000000 1700000060 1", leaseRecord{cas: 12, won: 1700000000, brokenUntil: 1700000060, consumed: true}, true},
+		{"12", leaseRecord{cas: 12, won: 99}, true},
+		{"0 1 0 0", leaseRecord{}, false},
+		{"12 1 0 2", leaseRecord{}, false},
+		{"12 1 0", leaseRecord{}, false},
+		{"12 1 0 0 0", leaseRecord{}, false},
+		{"x", leaseRecord{}, false},
+		{"", leaseRecord{}, false},
+	}
+	for _, tt := range tests {
+		got, ok := parseRecord([]byte(tt.in), 99)
+		if ok != tt.ok || got != tt.want {
+			t.Errorf("parseRecord(%q): got %+v, %v; want %+v, %v", tt.in, got, ok, tt.want, tt.ok)
+		}
+		if ok {
+			if back, _ := parseRecord(got.append(nil), 99); back != got {
+				t.Errorf("round trip of %+v: got %+v", got, back)
+			}
+		}
+	}
+}

@@ -48,9 +48,9 @@ func (r leaseRecord) append(b []byte) []byte {
 // parseRecord decodes a lease record. A bare "<cas>" (written by an older
 // proxy) is a lease handed out at now.
 func parseRecord(b []byte, now int64) (leaseRecord, bool) {
-	var f [4][]byte
+	var f, buf [4][]byte
 	n := 0
-	for _, t := range tokenize(b, make([][]byte, 0, 4)) {
+	for _, t := range tokenize(b, buf[:0]) {
 		if n == len(f) {
 			return leaseRecord{}, false
 		}
@@ -61,9 +61,11 @@ func parseRecord(b []byte, now int64) (leaseRecord, bool) {
 	var ok bool
 	switch n {
 	case 1:
-		r.cas, ok = parseUint(f[0], 64)
+		if r.cas, ok = parseUint(f[0], 64); !ok || r.cas == 0 {
+			return leaseRecord{}, false
+		}
 		r.won = now
-		return r, ok && r.cas != 0
+		return r, true
 	case 4:
 	default:
 		return leaseRecord{}, false
