@@ -106,6 +106,14 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 			return nil, fmt.Errorf("failover: stop %s: %w", old.Name, err)
 		}
 	}
+	// WAL still in flight through a link reaches its replica before the
+	// replica's walreceiver sees the connection end: wait for that, so that
+	// the positions compared are final.
+	for _, r := range replicas {
+		if err := r.waitNotStreaming(ctx, 10*time.Second); err != nil {
+			return nil, fmt.Errorf("failover: %w", err)
+		}
+	}
 	if target == nil {
 		var err error
 		if target, err = mostAdvanced(ctx, replicas); err != nil {
@@ -165,6 +173,25 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 		}
 	}
 	return f, nil
+}
+
+// waitNotStreaming waits until a replica's WAL receiver has lost its
+// primary, up to timeout (a switchover's stopped primary is gone at once).
+func (pg *Postgres) waitNotStreaming(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		var streaming bool
+		err := pg.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_wal_receiver WHERE status = 'streaming')", &streaming)
+		if err == nil && !streaming {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("replica %s still streaming from a stopped primary: %w (last error: %v)", pg.Name, ctx.Err(), err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // mostAdvanced is the replica that has received the most WAL, the first on
