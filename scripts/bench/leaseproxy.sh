@@ -9,7 +9,8 @@
 # Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000] [rounds, default 3]
 # Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; unset:
 # leaseproxy's default, 1; 0: Go's default, every core),
-# LEASEPROXY_CONNS_PER_SERVER (default 1, as leaseproxy's).
+# LEASEPROXY_CONNS_PER_SERVER (default 1, as leaseproxy's), LEASEPROXY_BIN
+# (a built leaseproxy instead of ./cmd/leaseproxy's).
 # Figures on a shared 2-core machine are only comparable within one run, so
 # 1 and 2 take turns between the targets, round after round, and report the
 # median over the rounds of each ratio taken within a round. The
@@ -40,7 +41,8 @@ freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0
 waitport() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; echo "port $1 not up" >&2; exit 1; }
 
 echo "building..." >&2
-(cd "$ROOT" && go build -o "$WORK/leaseproxy" ./cmd/leaseproxy && go build -o "$WORK/leaseproxyload" ./scripts/bench/leaseproxyload)
+(cd "$ROOT" && go build -o "$WORK/leaseproxyload" ./scripts/bench/leaseproxyload)
+if [ -n "${LEASEPROXY_BIN:-}" ]; then cp "$LEASEPROXY_BIN" "$WORK/leaseproxy"; else (cd "$ROOT" && go build -o "$WORK/leaseproxy" ./cmd/leaseproxy); fi
 
 M1=$(freeport); M2=$(freeport); NC=$(freeport); NCS=$(freeport); LP=$(freeport); LPH=$(freeport)
 for p in $M1 $M2; do
