@@ -33,6 +33,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 if ! pg17_ok; then
   echo "setup: installing PostgreSQL 17 ($PG17_PKG) into $PG17_PREFIX"
+  # A broken earlier install would be taken as up to date: start afresh.
+  rm -rf "$PG17_PREFIX"
   mkdir -p "$PG17_PREFIX"
   npm install --prefix "$PG17_PREFIX" --no-audit --no-fund --loglevel=error "$PG17_PKG" >/dev/null
   # The package restores its library symlinks in a postinstall script,

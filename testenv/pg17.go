@@ -138,39 +138,54 @@ func (pg *Postgres) syncStandbySlots(ctx context.Context) error {
 	if pg.Major < 17 {
 		return nil
 	}
-	pg.confMu.Lock()
-	defer pg.confMu.Unlock()
-	conn, err := pgx.Connect(ctx, pg.DSN(""))
-	if err != nil {
-		return fmt.Errorf("connect %s: %w", pg.Name, err)
-	}
-	defer conn.Close(context.Background())
 	var slots string
-	if err := conn.QueryRow(ctx, `SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '')
-		FROM pg_replication_slots WHERE slot_type = 'physical'`).Scan(&slots); err != nil {
+	if err := pg.QueryRow(ctx, `SELECT coalesce(string_agg(slot_name, ',' ORDER BY slot_name), '')
+		FROM pg_replication_slots WHERE slot_type = 'physical'`, &slots); err != nil {
 		return fmt.Errorf("%s: list physical slots: %w", pg.Name, err)
 	}
-	// Slot names are [a-z0-9_]: ALTER SYSTEM takes no parameters.
-	q := "ALTER SYSTEM SET synchronized_standby_slots = '" + slots + "'"
-	if slots == "" {
+	var list []string
+	if slots != "" {
+		list = strings.Split(slots, ",")
+	}
+	return pg.SetSynchronizedStandbySlots(ctx, list...)
+}
+
+// SetSynchronizedStandbySlots sets synchronized_standby_slots on a
+// PostgreSQL 17 primary (none resets it) and waits until new sessions see
+// it. testenv lists every standby's slot; while a listed standby is down or
+// its link cut, every consumer of a failover slot waits ("Logical
+// replication is waiting on the standby associated with replication slot"),
+// so a test that cuts a DC under a failover slot may list fewer.
+func (pg *Postgres) SetSynchronizedStandbySlots(ctx context.Context, slots ...string) error {
+	pg.confMu.Lock()
+	defer pg.confMu.Unlock()
+	want := strings.Join(slots, ",")
+	for _, s := range slots {
+		if s == "" || strings.Trim(s, "abcdefghijklmnopqrstuvwxyz0123456789_") != "" {
+			return fmt.Errorf("testenv: slot name %q: want [a-z0-9_]+", s)
+		}
+	}
+	// ALTER SYSTEM takes no parameters; the names are checked above.
+	q := "ALTER SYSTEM SET synchronized_standby_slots = '" + want + "'"
+	if want == "" {
 		q = "ALTER SYSTEM RESET synchronized_standby_slots"
 	}
-	if _, err := conn.Exec(ctx, q); err != nil {
+	if err := pg.Exec(ctx, q); err != nil {
 		return fmt.Errorf("%s: %s: %w", pg.Name, q, err)
 	}
-	if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+	if err := pg.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
 		return fmt.Errorf("%s: reload: %w", pg.Name, err)
 	}
 	// The reload is asynchronous: wait until new sessions see the list.
 	for {
 		var got string
 		err := pg.QueryRow(ctx, "SHOW synchronized_standby_slots", &got)
-		if err == nil && got == slots {
+		if err == nil && got == want {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s: synchronized_standby_slots is %q; want %q: %w (last error: %v)", pg.Name, got, slots, ctx.Err(), err)
+			return fmt.Errorf("%s: synchronized_standby_slots is %q; want %q: %w (last error: %v)", pg.Name, got, want, ctx.Err(), err)
 		case <-time.After(20 * time.Millisecond):
 		}
 	}

@@ -135,6 +135,7 @@ func TestPG17FailoverSlot(t *testing.T) {
 		t.Fatalf("got %d replicas repointed; want 1", len(f.Repointed))
 	}
 	other := f.Repointed[0]
+	t.Logf("promoted %s in %s", f.NewPrimary.Name, f.Promoted.Round(time.Millisecond))
 	np := f.NewPrimary
 	s, err := readSlot(ctx, np, "inv")
 	if err != nil {
@@ -278,5 +279,46 @@ func streamInserts(ctx context.Context, conn *pgconn.PgConn, slot string, lastID
 				}
 			}
 		}
+	}
+}
+
+// TestPG17StandbySlotsWait shows what synchronized_standby_slots costs: with
+// one listed standby cut off, a failover slot's consumer receives nothing
+// past what that standby confirmed; once the list leaves it out, the
+// consumer goes on.
+func TestPG17StandbySlotsWait(t *testing.T) {
+	env := testenv.New(t, testenv.Options{PGVersion: 17, NoNATS: true, MemcachedPerDC: -1})
+	ctx := ctxT(t, 2*time.Minute)
+	p := env.Primary
+	if err := p.Exec(ctx, "CREATE TABLE t (id int primary key); CREATE PUBLICATION pub FOR TABLE t"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Exec(ctx, "SELECT pg_create_logical_replication_slot('inv', 'pgoutput', false, false, true)"); err != nil {
+		t.Fatal(err)
+	}
+	env.DC("dc2").ReplLink.Cut()
+	if err := p.Exec(ctx, "INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	consume := `SELECT count(*) FROM pg_logical_slot_get_binary_changes('inv', NULL, NULL,
+		'proto_version', '1', 'publication_names', 'pub')`
+	var n int
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	err := p.QueryRow(short, consume, &n)
+	cancel()
+	if err == nil {
+		t.Fatalf("got %d changes with dc2's standby cut off; want the consumer to wait", n)
+	}
+	if err := p.SetSynchronizedStandbySlots(ctx, env.DC("dc1").Replica.Slot); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.QueryRow(ctx, consume, &n); err != nil {
+		t.Fatal(err)
+	}
+	if n < 3 { // begin, relation, insert, commit
+		t.Errorf("got %d changes once dc2 left synchronized_standby_slots; want the insert's", n)
+	}
+	if err := p.SetSynchronizedStandbySlots(ctx, "bad name"); err == nil {
+		t.Errorf("got no error for slot name %q; want one", "bad name")
 	}
 }
