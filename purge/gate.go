@@ -42,9 +42,16 @@ type Gate struct {
 	wake    chan struct{}
 	up      atomic.Bool
 
-	mu       sync.Mutex // guards replayed, changed
+	mu       sync.Mutex // guards replayed, changed, lagging, lagTarget, gaveUp
 	replayed uint64
 	changed  chan struct{} // closed and replaced when replayed moves
+	// lagging is set when a wait timed out, until the replica replays
+	// up to lagTarget (what that wait wanted): meanwhile every wait for a
+	// position not yet replayed gives up at once, so that all waiting
+	// batches share one MaxWait instead of each waiting its own in turn.
+	lagging   bool
+	lagTarget uint64
+	gaveUp    chan struct{} // closed and replaced when lagging begins
 }
 
 // NewGate returns a gate for the replica at cfg.DSN.
@@ -58,7 +65,7 @@ func NewGate(cfg GateConfig, log *zap.Logger) (*Gate, error) {
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = 30 * time.Second
 	}
-	return &Gate{cfg: cfg, log: log, wake: make(chan struct{}, 1), changed: make(chan struct{})}, nil
+	return &Gate{cfg: cfg, log: log, wake: make(chan struct{}, 1), changed: make(chan struct{}), gaveUp: make(chan struct{})}, nil
 }
 
 // Replayed is the last replay LSN read from the replica.
@@ -73,35 +80,78 @@ func (g *Gate) Up() bool { return g.up.Load() }
 
 // Wait blocks until the replica has replayed the commit at commitLSN:
 // replay LSN >= endLSN when known, else > commitLSN. It returns
-// ErrGateTimeout after MaxWait, or ctx's error.
+// ErrGateTimeout after MaxWait, or ctx's error. The MaxWait is shared:
+// once a wait has timed out, every wait for a position the replica has
+// not replayed returns ErrGateTimeout at once, until the replica has
+// caught up with the position that timed out.
 func (g *Gate) Wait(ctx context.Context, commitLSN, endLSN uint64) error {
-	need := commitLSN + 1
+	return g.wait(ctx, need(commitLSN, endLSN), true)
+}
+
+// WaitReplay is Wait without a time limit: it returns when the replica
+// has replayed the commit, or ctx's error. The purger uses it to purge a
+// batch again after the gate gave up on it.
+func (g *Gate) WaitReplay(ctx context.Context, commitLSN, endLSN uint64) error {
+	return g.wait(ctx, need(commitLSN, endLSN), false)
+}
+
+func need(commitLSN, endLSN uint64) uint64 {
 	if endLSN > commitLSN {
-		need = endLSN
+		return endLSN
 	}
+	return commitLSN + 1
+}
+
+func (g *Gate) wait(ctx context.Context, need uint64, limited bool) error {
 	g.waiters.Add(1)
 	defer g.waiters.Add(-1)
 	select {
 	case g.wake <- struct{}{}:
 	default:
 	}
-	timer := time.NewTimer(g.cfg.MaxWait)
-	defer timer.Stop()
+	var expired <-chan time.Time
+	if limited {
+		timer := time.NewTimer(g.cfg.MaxWait)
+		defer timer.Stop()
+		expired = timer.C
+	}
 	for {
 		g.mu.Lock()
-		done, ch := g.replayed >= need, g.changed
+		done, ch, lagging, gaveUp := g.replayed >= need, g.changed, g.lagging, g.gaveUp
 		g.mu.Unlock()
 		if done {
 			return nil
 		}
+		if limited && lagging {
+			return fmt.Errorf("%w: want %X, replayed %X; the replica is lagging (a wait already timed out)", ErrGateTimeout, need, g.Replayed())
+		}
+		if !limited {
+			gaveUp = nil
+		}
 		select {
 		case <-ch:
-		case <-timer.C:
+		case <-gaveUp:
+		case <-expired:
+			g.mu.Lock()
+			if !g.lagging {
+				g.lagging, g.lagTarget = true, need
+				close(g.gaveUp)
+				g.gaveUp = make(chan struct{})
+			}
+			g.mu.Unlock()
 			return fmt.Errorf("%w: want %X, replayed %X after %s", ErrGateTimeout, need, g.Replayed(), g.cfg.MaxWait)
 		case <-ctx.Done():
 			return ctx.Err()
 		}
 	}
+}
+
+// Lagging reports whether waits give up at once because one timed out
+// and the replica has not yet replayed up to it.
+func (g *Gate) Lagging() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.lagging
 }
 
 // Run polls the replica while anyone waits, reconnecting with backoff
@@ -151,6 +201,10 @@ func (g *Gate) Run(ctx context.Context) error {
 			close(g.changed)
 			g.changed = make(chan struct{})
 		}
+		if g.lagging && g.replayed >= g.lagTarget {
+			g.lagging = false
+			g.log.Info("replica caught up with the position the gate gave up on; waits are gated again", zap.String("replayed", formatLSN(g.replayed)))
+		}
 		g.mu.Unlock()
 		if g.waiters.Load() > 0 {
 			select {
@@ -188,6 +242,8 @@ func replayLSN(ctx context.Context, conn *pgx.Conn) (uint64, error) {
 	}
 	return ParseLSN(*s)
 }
+
+func formatLSN(l uint64) string { return fmt.Sprintf("%X/%X", l>>32, uint32(l)) }
 
 // ParseLSN parses Postgres's "X/X" text form of an LSN.
 func ParseLSN(s string) (uint64, error) {

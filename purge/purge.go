@@ -65,6 +65,16 @@ type Waiter interface {
 	Wait(ctx context.Context, commitLSN, endLSN uint64) error
 }
 
+// Replayer is a Waiter that can also wait with no time limit; Gate is
+// one. With such a gate the purger purges a batch a second time once the
+// replica has replayed its commit, when the first purge went ahead
+// because the gate timed out: a reader that refilled from the lagging
+// replica in between stored the old row, and the second purge removes
+// it.
+type Replayer interface {
+	WaitReplay(ctx context.Context, commitLSN, endLSN uint64) error
+}
+
 // Config configures one datacenter's purger. Zero fields take the
 // defaults of DefaultConfig.
 type Config struct {
@@ -94,6 +104,10 @@ type Config struct {
 	// batches can be acked). 0 means 2s. Without a Backlog keys are
 	// retried until the server answers.
 	RecordAfter time.Duration
+	// MaxRePurgeBytes bounds the keys held in memory for a second purge
+	// after gate timeouts, in bytes of keys; beyond it keys are not
+	// purged a second time (counted in RePurgeDropped). 0 means 16 MiB.
+	MaxRePurgeBytes int64
 	// MaxBacklogBytes bounds the keys recorded for one down server, in
 	// bytes of keys. Past it the server is marked for a flush_all when it
 	// returns, and its further keys are not recorded (the flush covers
@@ -105,7 +119,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxChunk: 4096,
 		Timeout: time.Second, RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
-		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20}
+		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20, MaxRePurgeBytes: 16 << 20}
 }
 
 // Validate checks the configuration.
@@ -123,8 +137,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: stale ttl (%s) must be at least 1s", ErrConfig, c.StaleTTL)
 	case c.Progress <= 0 || c.RecordAfter <= 0 || c.Timeout <= 0:
 		return fmt.Errorf("%w: progress (%s), record after (%s) and timeout (%s) must be positive", ErrConfig, c.Progress, c.RecordAfter, c.Timeout)
-	case c.MaxBacklogBytes < mckey.MaxLen:
-		return fmt.Errorf("%w: max backlog bytes (%d) must hold at least one key", ErrConfig, c.MaxBacklogBytes)
+	case c.MaxBacklogBytes < mckey.MaxLen || c.MaxRePurgeBytes < mckey.MaxLen:
+		return fmt.Errorf("%w: max backlog bytes (%d) and max re-purge bytes (%d) must hold at least one key", ErrConfig, c.MaxBacklogBytes, c.MaxRePurgeBytes)
 	}
 	return nil
 }
@@ -147,6 +161,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxBacklogBytes == 0 {
 		c.MaxBacklogBytes = d.MaxBacklogBytes
+	}
+	if c.MaxRePurgeBytes == 0 {
+		c.MaxRePurgeBytes = d.MaxRePurgeBytes
 	}
 	set(&c.StaleTTL, d.StaleTTL)
 	set(&c.Timeout, d.Timeout)
@@ -176,6 +193,7 @@ type Purger struct {
 
 	workers []*worker
 	batches chan struct{} // semaphore: batches in progress
+	again   *rePurge      // nil: the gate cannot wait with no limit
 
 	mu       sync.Mutex // guards draining
 	draining bool
@@ -218,6 +236,9 @@ func New(cfg Config, del Deleter, gate Waiter, m *Metrics, log *zap.Logger) (*Pu
 	}
 	ws := p.workers
 	m.servers.workers.Store(&ws)
+	if r, ok := gate.(Replayer); ok {
+		p.again = newRePurge(p, r)
+	}
 	return p, nil
 }
 
@@ -240,6 +261,13 @@ func (p *Purger) Run(ctx context.Context) error {
 		go func() {
 			defer workers.Done()
 			w.run(ctx)
+		}()
+	}
+	if p.again != nil {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			p.again.run(ctx)
 		}()
 	}
 	close(p.started)
@@ -382,7 +410,10 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 		switch {
 		case errors.Is(err, ErrGateTimeout):
 			p.m.GateTimeout.Inc()
-			p.log.Warn("purging without the replica's replay (gate timed out)", zap.Uint64("commit_lsn", b.CommitLSN), zap.Error(err))
+			p.log.Debug("purging without the replica's replay (gate timed out)", zap.Uint64("commit_lsn", b.CommitLSN), zap.Error(err))
+			if p.again != nil {
+				p.again.add(b.CommitLSN, b.EndLSN, keys)
+			}
 		case err != nil:
 			return // ctx ended: not acked, delivered again
 		}
@@ -463,10 +494,19 @@ func (p *Purger) validKeys(b *bus.Batch) []string {
 // worker; the tracker's done closes when every part is through.
 func (p *Purger) submit(keys []string) *tracker {
 	t := &tracker{done: make(chan struct{})}
+	p.queue(keys, t)
+	return t
+}
+
+// queue splits keys by server and queues the parts, tracked by t (nil:
+// nobody waits for them).
+func (p *Purger) queue(keys []string, t *tracker) {
 	if len(p.workers) == 1 {
-		t.remaining = 1
+		if t != nil {
+			t.remaining = 1
+		}
 		p.workers[0].enqueue(&part{t: t, keys: keys, since: time.Now()})
-		return t
+		return
 	}
 	byServer := make([][]string, len(p.workers))
 	for _, k := range keys {
@@ -480,9 +520,10 @@ func (p *Purger) submit(keys []string) *tracker {
 			parts = append(parts, &part{t: t, keys: ks, since: now, server: i})
 		}
 	}
-	t.remaining = len(parts)
+	if t != nil {
+		t.remaining = len(parts)
+	}
 	for _, pt := range parts {
 		p.workers[pt.server].enqueue(pt)
 	}
-	return t
 }
