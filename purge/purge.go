@@ -195,8 +195,9 @@ type Purger struct {
 	batches chan struct{} // semaphore: batches in progress
 	again   *rePurge      // nil: the gate cannot wait with no limit
 
-	mu       sync.Mutex // guards draining
+	mu       sync.Mutex // guards draining, closed, and wg.Add against Close's wg.Wait
 	draining bool
+	closed   bool
 
 	inflight  sync.WaitGroup // batches in progress
 	wg        sync.WaitGroup // every goroutine started by Handle and Run
@@ -206,8 +207,7 @@ type Purger struct {
 	drainOnce sync.Once
 	stopped   chan struct{} // closed when Run's workers have stopped
 	stopOnce  sync.Once
-	started   chan struct{} // closed when Run has begun
-	startOnce sync.Once
+	startOnce sync.Once // Run runs once
 }
 
 // New validates cfg (zero fields take DefaultConfig's values) and
@@ -230,7 +230,7 @@ func New(cfg Config, del Deleter, gate Waiter, m *Metrics, log *zap.Logger) (*Pu
 	p := &Purger{cfg: cfg, del: del, gate: gate, log: log, m: m,
 		batches: make(chan struct{}, cfg.MaxBatches),
 		closing: make(chan struct{}), drained: make(chan struct{}),
-		stopped: make(chan struct{}), started: make(chan struct{})}
+		stopped: make(chan struct{})}
 	for i := 0; i < del.Servers(); i++ {
 		p.workers = append(p.workers, newWorker(p, i, del.Addr(i)))
 	}
@@ -251,10 +251,16 @@ func (p *Purger) Run(ctx context.Context) error {
 	if !first {
 		return errors.New("purge: Run called twice")
 	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.wg.Add(1) // Run itself: Close waits for it
+	p.mu.Unlock()
+	defer p.wg.Done()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	p.wg.Add(1) // Run itself: Close waits for it
-	defer p.wg.Done()
 	var workers sync.WaitGroup
 	for _, w := range p.workers {
 		workers.Add(1)
@@ -270,7 +276,6 @@ func (p *Purger) Run(ctx context.Context) error {
 			p.again.run(ctx)
 		}()
 	}
-	close(p.started)
 	select {
 	case <-ctx.Done():
 	case <-p.closing:
@@ -304,7 +309,15 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 		p.inflight.Done()
 		return ErrClosed
 	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		<-p.batches
+		p.inflight.Done()
+		return ErrClosed
+	}
 	p.wg.Add(1)
+	p.mu.Unlock()
 	go func() {
 		defer p.wg.Done()
 		defer p.inflight.Done()
@@ -342,7 +355,7 @@ func (p *Purger) Drain(ctx context.Context) error {
 // and waits for every goroutine it started. It is safe to call twice.
 func (p *Purger) Close() {
 	p.mu.Lock()
-	p.draining = true
+	p.draining, p.closed = true, true
 	p.mu.Unlock()
 	p.closeOnce.Do(func() { close(p.closing) })
 	p.wg.Wait()
