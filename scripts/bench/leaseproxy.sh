@@ -10,7 +10,10 @@
 # Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; unset:
 # leaseproxy's default, 1; 0: Go's default, every core),
 # LEASEPROXY_CONNS_PER_SERVER (default 1, as leaseproxy's), LEASEPROXY_BIN
-# (a built leaseproxy instead of ./cmd/leaseproxy's).
+# (a built leaseproxy instead of ./cmd/leaseproxy's), LEASEPROXY_REF_BIN
+# (another leaseproxy build, e.g. the code before a change: it runs as a
+# fourth target, "leaseproxy-ref", with the same config, takes its turns in
+# 1 and 2, and the medians of leaseproxy/leaseproxy-ref are printed too).
 # Figures on a shared 2-core machine are only comparable within one run, so
 # 1 and 2 take turns between the targets, round after round, and report the
 # median over the rounds of each ratio taken within a round. The
@@ -26,7 +29,7 @@ PIDS=()
 cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
-	rm -rf "$WORK"
+	[ -n "${BENCH_KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 ulimit -n 20000 2>/dev/null || true
@@ -72,6 +75,15 @@ http: {listen: 127.0.0.1:$LPH}
 log: {level: warn}
 YML
 "$WORK/leaseproxy" -config "$WORK/leaseproxy.yaml" 2>"$WORK/leaseproxy.log" & LPPID=$!; PIDS+=($LPPID)
+LPTARGETS=("leaseproxy=127.0.0.1:$LP=$LPPID"); LOADREF=""
+if [ -n "${LEASEPROXY_REF_BIN:-}" ]; then
+	LPR=$(freeport)
+	sed -e "s/^listen: .*/listen: 127.0.0.1:$LPR/" -e "s/^http: .*/http: {listen: 127.0.0.1:$(freeport)}/" \
+		-e 's/^lease: {\(.*\)}$/lease: {\1, record_prefix: "_leaseref:"}/' "$WORK/leaseproxy.yaml" >"$WORK/leaseproxy-ref.yaml"
+	"$LEASEPROXY_REF_BIN" -config "$WORK/leaseproxy-ref.yaml" 2>"$WORK/leaseproxy-ref.log" & LPRPID=$!; PIDS+=($LPRPID)
+	waitport "$LPR"
+	LPTARGETS+=("leaseproxy-ref=127.0.0.1:$LPR=$LPRPID"); LOADREF=",leaseproxy-ref=127.0.0.1:$LPR"
+fi
 for p in $M1 $M2 $NC $LP; do waitport "$p"; done
 
 # cputicks PID: user+system CPU time of a process, in clock ticks.
@@ -83,11 +95,11 @@ HZ=$(getconf CLK_TCK)
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo "== throughput: memcaslap -T 2 -c 32 -X 100 -t ${DUR}s (9 get : 1 set), $ROUNDS rounds"
 declare -A CPU
-RATIOS_N=(); RATIOS_M=()
+RATIOS_N=(); RATIOS_M=(); RATIOS_R=()
 for r in $(seq "$ROUNDS"); do
 	declare -A TPS=()
 	line="round $r:"
-	for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "leaseproxy=127.0.0.1:$LP=$LPPID"; do
+	for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "${LPTARGETS[@]}"; do
 		name=${t%%=*}; rest=${t#*=}; addr=${rest%%=*}; pid=${rest#*=}
 		[ -n "$pid" ] && c0=$(cputicks "$pid")
 		out=$(memcaslap -s "$addr" -T 2 -c 32 -X 100 -t "${DUR}s" 2>&1)
@@ -100,10 +112,11 @@ for r in $(seq "$ROUNDS"); do
 		line="$line  $name $tps"
 	done
 	echo "$line ops/s"
+	[ -n "$LOADREF" ] && RATIOS_R+=("$(awk -v l="${TPS[leaseproxy]}" -v r="${TPS[leaseproxy-ref]}" 'BEGIN { printf "%.3f", l/r }')")
 	RATIOS_N+=("$(awk -v l="${TPS[leaseproxy]}" -v n="${TPS[nutcracker]}" 'BEGIN { printf "%.3f", l/n }')")
 	RATIOS_M+=("$(awk -v l="${TPS[leaseproxy]}" -v n="${TPS[nutcracker]}" -v m="${TPS[memcached]}" 'BEGIN { printf "%.3f %.3f", l/m, n/m }')")
 done
-for name in nutcracker leaseproxy; do
+for name in nutcracker leaseproxy ${LOADREF:+leaseproxy-ref}; do
 	# CPU time the proxy process used per operation, over all rounds.
 	echo "${CPU[$name]}" | tr ' ' '\n' | awk -F: -v n="$name" -v hz="$HZ" -v d="$DUR" 'NF == 2 { t += $1; ops += $2 * d }
 		END { printf "%-12s proxy CPU %.1f us/op\n", n, t/hz*1e6/ops }'
@@ -115,15 +128,20 @@ printf 'median ratios: leaseproxy/nutcracker %s  leaseproxy/memcached %s  nutcra
 	"$(printf '%s\n' "${RATIOS_M[@]}" | awk '{print $2}' | median)"
 
 echo "== latency: leaseproxyload -conns 32 -duration ${DUR}s (100-byte values, 9 get : 1 set), $ROUNDS rounds"
-P99_RATIOS=()
+P99_RATIOS=(); P99_REF=()
 for r in $(seq "$ROUNDS"); do
 	out=$("$WORK/leaseproxyload" -mode mix -duration "${DUR}s" -conns 32 -size 100 \
-		-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,leaseproxy=127.0.0.1:$LP")
+		-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,leaseproxy=127.0.0.1:$LP$LOADREF")
 	echo "$out" | sed "s/^/round $r: /"
+	[ -n "$LOADREF" ] && P99_REF+=("$(echo "$out" | awk '$1 == "leaseproxy-ref" { r = $4 } $1 == "leaseproxy" { l = $4 } END { printf "%.3f", l/r }')")
 	P99_RATIOS+=("$(echo "$out" | awk '$1 == "nutcracker" { n = $4 } $1 == "leaseproxy" { l = $4 } END { printf "%.3f", l/n }')")
 done
 echo "p99 ratios per round, leaseproxy/nutcracker: ${P99_RATIOS[*]}"
 echo "median p99 ratio: leaseproxy/nutcracker $(printf '%s\n' "${P99_RATIOS[@]}" | median)"
+if [ -n "$LOADREF" ]; then
+	echo "leaseproxy/leaseproxy-ref per round: throughput ${RATIOS_R[*]}; p99 ${P99_REF[*]}"
+	echo "median leaseproxy/leaseproxy-ref: throughput $(printf '%s\n' "${RATIOS_R[@]}" | median), p99 $(printf '%s\n' "${P99_REF[@]}" | median)"
+fi
 
 echo "== herd: N clients miss one key at once; a miss fills (10ms) and sets"
 "$WORK/leaseproxyload" -mode herd -n "$HERD" -fill 10ms -targets "leaseproxy=127.0.0.1:$LP,nutcracker=127.0.0.1:$NC"
