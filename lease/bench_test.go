@@ -175,7 +175,7 @@ func BenchmarkHerd(b *testing.B) {
 						if !res.found {
 							fills.Add(1)
 							time.Sleep(10 * time.Millisecond)
-							if _, err := p.l.fill(ctx, key, 0, false, []byte("v"), 0, 0); err != nil {
+							if _, err := p.l.fill(ctx, key, boundLease{}, false, []byte("v"), 0, 0); err != nil {
 								b.Error(err)
 							}
 						}

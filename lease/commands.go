@@ -320,7 +320,7 @@ func (c *conn) touchResult(ctx context.Context, key string, r *getResult, touch 
 // remembered on this connection, for its fill.
 func (c *conn) writeResult(key string, r *getResult, withCAS bool) {
 	if r.lease != 0 {
-		c.bind(key, r.lease)
+		c.bind(key, boundLease{cas: r.lease, unrecorded: r.unrecorded})
 	}
 	if !r.found {
 		c.s.st.misses.Add(1)

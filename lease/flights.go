@@ -60,10 +60,11 @@ type waiter struct {
 	// (picked is set first): its client fills.
 	lease  chan struct{}
 	picked atomic.Bool
-	// cas is the lease handed to this waiter, set before lease gets its
-	// value.
-	cas  uint64
-	left bool // gave up (its wait is over); guarded by the shard's mu
+	// cas is the lease handed to this waiter, and unrecorded whether its
+	// record could not be written; both set before lease gets its value.
+	cas        uint64
+	unrecorded bool
+	left       bool // gave up (its wait is over); guarded by the shard's mu
 }
 
 func (l *leaser) shardOf(key string) *shard {
@@ -334,7 +335,7 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 		return getResult{found: true, item: o.item, stale: o.stale}, nil
 	case gotLease:
 		// The poller recorded the lease for this client.
-		return getResult{lease: o.item.cas}, nil
+		return getResult{lease: o.item.cas, unrecorded: w.unrecorded}, nil
 	}
 	return getResult{}, o.err
 }
@@ -420,7 +421,7 @@ func (l *leaser) poll(key string, f *flight) {
 			if serveStale {
 				mark = nil
 			}
-			l.won(context.Background(), key, &resp, mark)
+			w.unrecorded = !l.won(context.Background(), key, &resp, mark)
 			w.cas = resp.CAS
 			w.lease <- struct{}{}
 			if serveStale {

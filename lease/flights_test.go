@@ -133,7 +133,7 @@ func TestJoinLease(t *testing.T) {
 	}
 	waitFor(t, "50 joins", func() bool { return s.Stats().LeaseJoins == 50 })
 	// The winner fills on its connection: the fill is tied to its lease.
-	if res, err := s.l.fill(ctx, "k", first.lease, false, []byte("v"), 0, 0); err != nil || res != fillStored {
+	if res, err := s.l.fill(ctx, "k", boundLease{cas: first.lease}, false, []byte("v"), 0, 0); err != nil || res != fillStored {
 		t.Fatalf("fill: got %v, %v; want stored", res, err)
 	}
 	for range 50 {
@@ -373,7 +373,7 @@ func TestFillHandsValue(t *testing.T) {
 		}()
 	}
 	waitFor(t, "10 joins", func() bool { return s.Stats().LeaseJoins == 10 })
-	if res, err := s.l.fill(ctx, "k", 0, false, []byte("v"), 7, 0); err != nil || res != fillStored {
+	if res, err := s.l.fill(ctx, "k", boundLease{}, false, []byte("v"), 7, 0); err != nil || res != fillStored {
 		t.Fatalf("fill: got %v, %v; want stored", res, err)
 	}
 	resp, _ := be.MetaGet(ctx, "k", "v", "f", "c")

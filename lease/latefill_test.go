@@ -6,6 +6,10 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pgcache/pgcache/mcpool"
 )
 
 // TestLateFill: a client misses (it wins the lease), the key is
@@ -229,7 +233,7 @@ func TestLeaseMemoryCost(t *testing.T) {
 	// however many leases it gets.
 	cn := &conn{s: p.Server}
 	for i := range n {
-		cn.bind(fmt.Sprintf("cost:%06d", i), uint64(i+1))
+		cn.bind(fmt.Sprintf("cost:%06d", i), boundLease{cas: uint64(i + 1)})
 	}
 	if len(cn.leases) > maxBindings {
 		t.Errorf("a connection remembers %d leases; want at most %d", len(cn.leases), maxBindings)
@@ -287,4 +291,35 @@ func FuzzParseRecord(f *testing.F) {
 			t.Fatalf("round trip of %q: got %+v, %v; want %+v", b, back, ok, r)
 		}
 	})
+}
+
+// noRecords is a fakeBackend on which lease records cannot be written.
+type noRecords struct{ *fakeBackend }
+
+func (noRecords) MetaSetOn(context.Context, int, string, []byte, mcpool.SetOptions) (mcpool.Response, error) {
+	return mcpool.Response{}, mcpool.ErrServerDown
+}
+
+// TestUnrecordedLeaseFill: when a lease's record could not be written,
+// its fill after an invalidation is refused: the missing record does not
+// read as a flush.
+func TestUnrecordedLeaseFill(t *testing.T) {
+	be := noRecords{newFakeBackend()}
+	s, err := New(fakeConfig(), be, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	ctx := context.Background()
+	r, err := s.l.get(ctx, "k")
+	if err != nil || r.found || r.lease == 0 || !r.unrecorded {
+		t.Fatalf("get: got %+v, %v; want a miss that wins an unrecorded lease", r, err)
+	}
+	if _, err := be.MetaDelete(ctx, "k", mcpool.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := s.l.fill(ctx, "k", boundLease{cas: r.lease, unrecorded: true}, false, []byte("old"), 0, 0)
+	if err != nil || res != fillRefused {
+		t.Errorf("fill after an invalidation: got %v, %v; want refused", res, err)
+	}
 }

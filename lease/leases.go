@@ -32,6 +32,8 @@ type getResult struct {
 	// lease is the CAS of the lease this read won for its client (a
 	// miss the client is to fill); 0: none.
 	lease uint64
+	// unrecorded: the lease's record could not be written to memcached.
+	unrecorded bool
 }
 
 type outcomeKind uint8
@@ -278,19 +280,19 @@ func (l *leaser) result(ctx context.Context, key string, f *flight, resp *mcpool
 	switch {
 	case resp.Win:
 		if f == nil {
-			l.won(ctx, key, resp, nil)
-			return getResult{lease: resp.CAS}, nil
+			ok := l.won(ctx, key, resp, nil)
+			return getResult{lease: resp.CAS, unrecorded: !ok}, nil
 		}
 		if serveStale {
 			// The readers that joined get the stale value at once, as
 			// those that see Z X do.
-			l.won(ctx, key, resp, nil)
+			ok := l.won(ctx, key, resp, nil)
 			l.settle(key, f, outcome{kind: gotValue, item: itemOf(resp), stale: true})
-			return getResult{lease: resp.CAS}, nil
+			return getResult{lease: resp.CAS, unrecorded: !ok}, nil
 		}
-		l.won(ctx, key, resp, f)
+		ok := l.won(ctx, key, resp, f)
 		l.leasedRead(key, f)
-		return getResult{lease: resp.CAS}, nil
+		return getResult{lease: resp.CAS, unrecorded: !ok}, nil
 	case serveStale:
 		l.st.staleServes.Add(1)
 		it := itemOf(resp)
@@ -372,7 +374,10 @@ func (l *leaser) plainResult(ctx context.Context, key string, resp *mcpool.Respo
 // record written to memcached, on other proxies. With f, the lease is
 // also marked on key's flight f, so that the key's readers wait for its
 // fill without asking memcached; the mark goes with the record.
-func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *flight) {
+//
+// It reports whether the lease is recorded as its fill will need: false
+// when the record in memcached (ForeignCheck) could not be written.
+func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *flight) (recorded bool) {
 	l.st.wins.Add(1)
 	now := l.now()
 	l.mu.Lock()
@@ -389,8 +394,9 @@ func (l *leaser) won(ctx context.Context, key string, resp *mcpool.Response, f *
 	}
 	l.mu.Unlock()
 	if l.cfg.ForeignSet == ForeignCheck {
-		l.writeRecord(ctx, key, resp.CAS)
+		return l.writeRecord(ctx, key, resp.CAS)
 	}
+	return true
 }
 
 // popLocked drops the oldest queue entry and its record if it is still

@@ -93,15 +93,16 @@ func (r leaseRecord) outstanding(now, mem int64) bool {
 // outstanding, its fill may yet come and cannot be told from the new
 // lease's fill on another connection: the record is marked broken until
 // that lease's memory ends. It is a read and a compare-and-swap, retried
-// when another proxy wrote in between.
-func (l *leaser) writeRecord(ctx context.Context, key string, cas uint64) {
+// when another proxy wrote in between. It reports whether the record was
+// written.
+func (l *leaser) writeRecord(ctx context.Context, key string, cas uint64) bool {
 	rk, at := l.record(key)
 	now, mem := l.now().Unix(), l.cfg.memorySeconds()
 	for range 4 {
 		resp, err := l.be.MetaGetOn(ctx, at, rk, "v", "c")
 		if err != nil {
 			l.recordFailed("read lease record", key, err)
-			return
+			return false
 		}
 		rec := leaseRecord{cas: cas, won: now}
 		opt := mcpool.SetOptions{}
@@ -127,18 +128,19 @@ func (l *leaser) writeRecord(ctx context.Context, key string, cas uint64) {
 		resp, err = l.be.MetaSetOn(ctx, at, rk, rec.append(buf[:0]), opt)
 		if err != nil {
 			l.recordFailed("write lease record", key, err)
-			return
+			return false
 		}
 		if resp.Status == mcpool.StatusHD {
 			if rec.brokenUntil > now {
 				l.st.broken.Add(1)
 			}
-			return
+			return true
 		}
 		// EX, NS, NF: another proxy wrote the record meanwhile.
 	}
 	l.st.backendErrors.Add(1)
 	l.log.Debug("write lease record: lost every compare-and-swap", zap.String("key", key))
+	return false
 }
 
 func (l *leaser) recordFailed(what, key string, err error) {
@@ -200,8 +202,15 @@ func (l *leaser) consumeRecord(key string, cas uint64) {
 	}()
 }
 
+// boundLease is the lease a connection's client got for a key: its CAS
+// (0: none), and whether its record could not be written.
+type boundLease struct {
+	cas        uint64
+	unrecorded bool
+}
+
 // fill stores value for a set (add: an add) of key if a lease governs
-// it. bound is the lease the client's connection got for key (0: none).
+// it. bound is the lease the client's connection got for key.
 // It returns fillPlain when no lease is known, and the caller stores as
 // usual.
 //
@@ -213,12 +222,12 @@ func (l *leaser) consumeRecord(key string, cas uint64) {
 // since the lease and no earlier lease of it is still outstanding
 // (record not broken): otherwise it may be a fill that began before an
 // invalidation, and it is refused.
-func (l *leaser) fill(ctx context.Context, key string, bound uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
+func (l *leaser) fill(ctx context.Context, key string, bound boundLease, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
 	if !l.enabled() {
 		return fillPlain, nil
 	}
 	local, hadLocal := l.take(key)
-	if bound != 0 {
+	if bound.cas != 0 {
 		return l.boundFill(ctx, key, bound, add, value, flags, exptime)
 	}
 	switch l.cfg.ForeignSet {
@@ -255,9 +264,10 @@ func (l *leaser) fill(ctx context.Context, key string, bound uint64, add bool, v
 	return l.chained(ctx, key, rec.cas, add, value, flags, exptime)
 }
 
-// boundFill stores the fill of the lease cas that key's client got on
-// this connection.
-func (l *leaser) boundFill(ctx context.Context, key string, cas uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
+// boundFill stores the fill of the lease that key's client got on this
+// connection.
+func (l *leaser) boundFill(ctx context.Context, key string, bound boundLease, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
+	cas := bound.cas
 	res, err := l.trySet(ctx, key, value, flags, exptime, cas)
 	if err != nil || res == fillStored {
 		if err == nil {
@@ -277,6 +287,10 @@ func (l *leaser) boundFill(ctx context.Context, key string, cas uint64, add bool
 		l.st.checkFailed.Add(1)
 		l.st.refused.Add(1)
 		return fillRefused, fmt.Errorf("read lease record: %w", err)
+	case !ok && bound.unrecorded:
+		// It was never written: nothing tells why the item changed.
+		l.st.refused.Add(1)
+		return fillRefused, nil
 	case !ok:
 		// The record went with the item: flush_all (through any proxy),
 		// or evicted. The set is an ordinary write, as after a flush in
@@ -329,16 +343,16 @@ func (l *leaser) chained(ctx context.Context, key string, cas uint64, add bool, 
 // connection: it may be refused, never wrongly stored.
 const maxBindings = 128
 
-// binding is a lease a connection got: its CAS, when, and the flush
-// epoch it belongs to.
+// binding is a lease a connection got, when, and the flush epoch it
+// belongs to.
 type binding struct {
-	cas   uint64
+	boundLease
 	at    int64 // UnixNano
 	epoch uint64
 }
 
-// bind remembers that this connection's client got the lease cas for key.
-func (c *conn) bind(key string, cas uint64) {
+// bind remembers that this connection's client got the lease b for key.
+func (c *conn) bind(key string, b boundLease) {
 	l := c.s.l
 	now := l.now().UnixNano()
 	if c.leases == nil {
@@ -358,26 +372,26 @@ func (c *conn) bind(key string, cas uint64) {
 			delete(c.leases, k)
 		}
 	}
-	c.leases[key] = binding{cas: cas, at: now, epoch: l.epoch.Load()}
+	c.leases[key] = binding{boundLease: b, at: now, epoch: l.epoch.Load()}
 }
 
 // takeBinding removes and returns the lease this connection got for key,
 // if it is still remembered: within Lease.Memory and not before a
 // flush_all through this proxy.
-func (c *conn) takeBinding(key string) uint64 {
+func (c *conn) takeBinding(key string) boundLease {
 	if c.leases == nil {
-		return 0
+		return boundLease{}
 	}
 	b, ok := c.leases[key]
 	if !ok {
-		return 0
+		return boundLease{}
 	}
 	delete(c.leases, key)
 	l := c.s.l
 	if b.epoch != l.epoch.Load() || l.now().UnixNano()-b.at >= int64(l.cfg.memory()) {
-		return 0
+		return boundLease{}
 	}
-	return b.cas
+	return b.boundLease
 }
 
 // flushed forgets every lease this proxy handed out, after a flush_all

@@ -40,7 +40,7 @@ func TestRecordsBounded(t *testing.T) {
 			t.Fatalf("get: got %+v, %v; want a miss that wins", r, err)
 		}
 		if i%3 == 0 { // some are filled, which drops their record
-			if res, err := s.l.fill(ctx, "k"+strconv.Itoa(i), 0, false, []byte("v"), 0, 0); err != nil || res != fillStored {
+			if res, err := s.l.fill(ctx, "k"+strconv.Itoa(i), boundLease{}, false, []byte("v"), 0, 0); err != nil || res != fillStored {
 				t.Fatalf("fill: got %v, %v; want stored", res, err)
 			}
 		}
@@ -52,7 +52,7 @@ func TestRecordsBounded(t *testing.T) {
 		t.Errorf("got %d records, %d queued; want at most 10 and 20", n, q)
 	}
 	// The newest lease is still checked.
-	if res, _ := s.l.fill(ctx, "k998", 0, false, []byte("v"), 0, 0); res != fillStored {
+	if res, _ := s.l.fill(ctx, "k998", boundLease{}, false, []byte("v"), 0, 0); res != fillStored {
 		t.Errorf("fill of the newest lease: got %v; want stored", res)
 	}
 }
@@ -131,7 +131,7 @@ func TestLeasesOff(t *testing.T) {
 	if be.items["k"].tokenSent {
 		t.Error("the refill token was kept")
 	}
-	if res, _ := s.l.fill(ctx, "k", 0, false, []byte("v"), 0, 0); res != fillPlain {
+	if res, _ := s.l.fill(ctx, "k", boundLease{}, false, []byte("v"), 0, 0); res != fillPlain {
 		t.Errorf("fill with leases off: got %v; want plain", res)
 	}
 }
@@ -254,7 +254,7 @@ func TestDrain(t *testing.T) {
 	}
 	// The winner's connection was idle too: it is closed. Its fill comes
 	// through another path (another proxy) and ends the wait.
-	if res, err := s.l.fill(context.Background(), "k", 0, false, []byte("v"), 0, 0); err != nil || res != fillStored {
+	if res, err := s.l.fill(context.Background(), "k", boundLease{}, false, []byte("v"), 0, 0); err != nil || res != fillStored {
 		t.Fatalf("fill: got %v, %v", res, err)
 	}
 	if v := <-got; v != "v" {
@@ -280,7 +280,7 @@ func TestCollector(t *testing.T) {
 	s, _ := newFakeServer(t, fakeConfig())
 	ctx := context.Background()
 	_, _ = s.l.get(ctx, "k")
-	_, _ = s.l.fill(ctx, "k", 0, false, []byte("v"), 0, 0)
+	_, _ = s.l.fill(ctx, "k", boundLease{}, false, []byte("v"), 0, 0)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewCollector("leaseproxy", s, func() []mcpool.ServerStats {
 		return []mcpool.ServerStats{{Addr: "127.0.0.1:1", State: mcpool.BreakerOpen, Failures: 3}}
