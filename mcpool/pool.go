@@ -565,9 +565,33 @@ func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Durat
 	return p.chain(ctx, keys, "md I", DeleteOptions{Invalidate: true, TTL: ttl})
 }
 
-// chain sends keys as one quiet delete chain per server and returns an
-// error per key.
-func (p *Pool) chain(ctx context.Context, keys []string, op string, opt DeleteOptions) []error {
+// DeleteMultiOn is DeleteMulti for keys that all live on server i (as
+// Pick says): the caller has placed them already, so they are not hashed
+// again. Keys placed elsewhere are deleted on server i all the same.
+func (p *Pool) DeleteMultiOn(ctx context.Context, i int, keys []string) []error {
+	return p.chainOn(ctx, i, keys, "md", DeleteOptions{})
+}
+
+// MarkStaleMultiOn is MarkStaleMulti for keys that all live on server i
+// (see DeleteMultiOn).
+func (p *Pool) MarkStaleMultiOn(ctx context.Context, i int, keys []string, ttl time.Duration) []error {
+	return p.chainOn(ctx, i, keys, "md I", DeleteOptions{Invalidate: true, TTL: ttl})
+}
+
+func (p *Pool) chainOn(ctx context.Context, i int, keys []string, op string, opt DeleteOptions) []error {
+	if i < 0 || i >= len(p.servers) {
+		errs := make([]error, len(keys))
+		for j, k := range keys {
+			errs[j] = fmt.Errorf("%s %s: %w: server %d of %d", op, k, ErrBadRequest, i, len(p.servers))
+		}
+		return errs
+	}
+	return p.chain(ctx, keys, op, opt, i)
+}
+
+// chain sends keys as one quiet delete chain per server (all to server
+// on, if on >= 0) and returns an error per key.
+func (p *Pool) chain(ctx context.Context, keys []string, op string, opt DeleteOptions, on ...int) []error {
 	errs := make([]error, len(keys))
 	if len(keys) == 0 {
 		return errs
@@ -580,9 +604,17 @@ func (p *Pool) chain(ctx context.Context, keys []string, op string, opt DeleteOp
 	}
 	// Group the keys by server, keeping each key's index.
 	byServer := make([][]int, len(p.servers))
-	for i, k := range keys {
-		s := p.ring.Pick(k)
-		byServer[s] = append(byServer[s], i)
+	if len(on) > 0 {
+		all := make([]int, len(keys))
+		for i := range all {
+			all[i] = i
+		}
+		byServer[on[0]] = all
+	} else {
+		for i, k := range keys {
+			s := p.ring.Pick(k)
+			byServer[s] = append(byServer[s], i)
+		}
 	}
 	expired, due := p.deadline(ctx) // one deadline for the whole call
 	type started struct {

@@ -159,7 +159,7 @@ func (w *worker) recover(ctx context.Context) error {
 		upTo, err = p.backlog.Replay(ctx, w.addr, func(keys []string) error {
 			for len(keys) > 0 {
 				n := min(len(keys), p.cfg.MaxChunk)
-				for _, err := range p.send(ctx, keys[:n]) {
+				for _, err := range p.send(ctx, w.idx, keys[:n]) {
 					if err != nil {
 						return err
 					}

@@ -45,13 +45,16 @@ func pick(key string, n int) int {
 	return 0
 }
 
-func (f *fakeDeleter) DeleteMulti(_ context.Context, keys []string) []error {
+func (f *fakeDeleter) DeleteMultiOn(_ context.Context, server int, keys []string) []error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls++
 	errs := make([]error, len(keys))
 	for i, k := range keys {
-		if f.down[f.Pick(k)] {
+		if f.Pick(k) != server {
+			panic("key " + k + " sent to the wrong server")
+		}
+		if f.down[server] {
 			errs[i] = errDown
 			continue
 		}
@@ -60,12 +63,12 @@ func (f *fakeDeleter) DeleteMulti(_ context.Context, keys []string) []error {
 	return errs
 }
 
-func (f *fakeDeleter) MarkStaleMulti(_ context.Context, keys []string, ttl time.Duration) []error {
+func (f *fakeDeleter) MarkStaleMultiOn(_ context.Context, server int, keys []string, ttl time.Duration) []error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	errs := make([]error, len(keys))
 	for i, k := range keys {
-		if f.down[f.Pick(k)] {
+		if f.down[server] {
 			errs[i] = errDown
 			continue
 		}

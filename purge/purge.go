@@ -44,10 +44,11 @@ type Deleter interface {
 	Servers() int
 	Addr(server int) string
 	Pick(key string) int
-	// DeleteMulti and MarkStaleMulti return one error per key; a key
+	// DeleteMultiOn and MarkStaleMultiOn apply keys that all live on
+	// server (as Pick placed them) and return one error per key; a key
 	// that is not there counts as applied. Errors are retried.
-	DeleteMulti(ctx context.Context, keys []string) []error
-	MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error
+	DeleteMultiOn(ctx context.Context, server int, keys []string) []error
+	MarkStaleMultiOn(ctx context.Context, server int, keys []string, ttl time.Duration) []error
 	// NoOp checks that a server answers.
 	NoOp(ctx context.Context, server int) error
 	// FlushAll empties a server.
@@ -371,21 +372,6 @@ func (p *Purger) Stats() []ServerStats {
 	return out
 }
 
-// batchCtx returns ctx ended also when the purger closes or its workers
-// stop.
-func (p *Purger) batchCtx(ctx context.Context) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithCancel(ctx)
-	go func() {
-		select {
-		case <-p.closing:
-		case <-p.stopped:
-		case <-ctx.Done():
-		}
-		cancel()
-	}()
-	return ctx, cancel
-}
-
 // tracker follows one batch's parts: done is closed when the last part
 // is applied or recorded.
 type tracker struct {
@@ -405,8 +391,6 @@ func (t *tracker) finish() {
 }
 
 func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
-	ctx, cancel := p.batchCtx(ctx)
-	defer cancel()
 	keys := p.validKeys(b)
 	p.m.Pending.Add(float64(len(keys)))
 	defer p.m.Pending.Sub(float64(len(keys)))
@@ -443,6 +427,10 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 				_ = d.InProgress()
 			case <-ctx.Done():
 				return // not acked: delivered again
+			case <-p.closing:
+				return
+			case <-p.stopped:
+				return // the workers stopped (hard stop)
 			}
 		}
 	}
@@ -457,8 +445,11 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 	}
 }
 
-// waitGate waits for the gate, sending progress signals meanwhile.
+// waitGate waits for the gate, sending progress signals meanwhile. The
+// wait ends with ctx, or when the purger closes or its workers stop.
 func (p *Purger) waitGate(ctx context.Context, b *bus.Batch, d Acker, tick <-chan time.Time) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	res := make(chan error, 1)
 	go func() { res <- p.gate.Wait(ctx, b.CommitLSN, b.EndLSN) }()
 	for {
@@ -467,6 +458,10 @@ func (p *Purger) waitGate(ctx context.Context, b *bus.Batch, d Acker, tick <-cha
 			return err
 		case <-tick:
 			_ = d.InProgress()
+		case <-p.closing:
+			cancel()
+		case <-p.stopped:
+			cancel()
 		}
 	}
 }

@@ -204,7 +204,7 @@ func (w *worker) apply(ctx context.Context, parts []*part) []*part {
 			keys = append(keys, pt.keys...)
 		}
 	}
-	errs := p.send(ctx, keys)
+	errs := p.send(ctx, w.idx, keys)
 	var failed []*part
 	var firstErr error
 	nfail, done := 0, 0
@@ -287,12 +287,13 @@ func (w *worker) runDown(ctx context.Context, nextProbe *time.Time, attempt *int
 	return true
 }
 
-// send applies keys in the configured mode, within one Timeout.
-func (p *Purger) send(ctx context.Context, keys []string) []error {
+// send applies keys of server in the configured mode, within one
+// Timeout.
+func (p *Purger) send(ctx context.Context, server int, keys []string) []error {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
 	if p.cfg.Mode == ModeStale {
-		return p.del.MarkStaleMulti(ctx, keys, p.cfg.StaleTTL)
+		return p.del.MarkStaleMultiOn(ctx, server, keys, p.cfg.StaleTTL)
 	}
-	return p.del.DeleteMulti(ctx, keys)
+	return p.del.DeleteMultiOn(ctx, server, keys)
 }
