@@ -40,6 +40,34 @@ func hasIncrements(set *counters.Set) bool {
 	return false
 }
 
+// superviseIncrements runs the increments consumer until ctx ends. A
+// fault of the increments (the stream deleted or recreated, a consumer
+// that cannot be made) is a counters fault, never an invalidation one:
+// it is logged with the repair step, counted, shown by
+// invalidator_increments_up, and the consumer is tried again every
+// incrementsRetry, while the WAL stream and the purges go on.
+func (r *Role) superviseIncrements(ctx context.Context) {
+	for {
+		err := r.runIncrements(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		r.incUp.Set(0)
+		if err != nil {
+			r.ctrm.errors.WithLabelValues("increments_unavailable").Inc()
+			r.log.Error("counter increments stopped; invalidation goes on. Counters without a table do not move until this is fixed "+
+				"(RUNBOOK: counter increments stopped)", zap.Error(err), zap.Duration("retry_in", incrementsRetry))
+		}
+		if backoff.Wait(ctx, incrementsRetry) != nil {
+			return
+		}
+	}
+}
+
+// incrementsRetry is how often a failed increments consumer is tried
+// again.
+const incrementsRetry = 30 * time.Second
+
 // runIncrements applies increments from the stream until ctx ends. It
 // starts once this process streams the slot (the active tail process), so
 // a hot standby does not consume them too; two writers would anyway be
@@ -114,6 +142,7 @@ func (r *Role) runIncrements(ctx context.Context) error {
 	defer stop()
 	defer it.Stop()
 	log.Info("consuming increments", zap.String("stream", sc.Name), zap.Uint64("from_seq", from+1))
+	r.incUp.Set(1)
 	for {
 		msg, err := it.Next()
 		if err != nil {

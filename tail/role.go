@@ -83,6 +83,7 @@ type Role struct {
 	reg   prometheus.Registerer
 	keys  *Handler
 	ctrm  *counterMetrics
+	incUp prometheus.Gauge // 1 while the increments consumer runs
 	ready chan struct{}
 
 	stream  *wal.Stream
@@ -131,6 +132,11 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	kh = r.keys
 	if cfg.counting() {
 		r.ctrm = newCounterMetrics(reg)
+		r.incUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: "invalidator_increments_up",
+			Help: "1 while the counter increments are consumed; 0 when they stopped (a counters fault: invalidation goes on)."})
+		if reg != nil && hasIncrements(cfg.Counters) {
+			reg.MustRegister(r.incUp)
+		}
 		if r.store, err = counterstore.New(cfg.Store); err != nil {
 			return nil, err
 		}
@@ -179,7 +185,7 @@ func (r *Role) Run(ctx context.Context) error {
 			return nil
 		})
 		if hasIncrements(r.cfg.Counters) {
-			g.Go(func() error { return r.runIncrements(bctx) })
+			g.Go(func() error { r.superviseIncrements(bctx); return nil })
 		}
 	}
 	g.Go(func() error {

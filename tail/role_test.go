@@ -1,0 +1,299 @@
+package tail
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/pgcache/pgcache/batcher"
+	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/counters"
+	"github.com/pgcache/pgcache/counterstore"
+	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/testenv"
+	"github.com/pgcache/pgcache/wal"
+)
+
+// harness runs a tail Role against a real primary and NATS.
+type harness struct {
+	t      *testing.T
+	env    *testenv.Env
+	js     jetstream.JetStream
+	reg    *prometheus.Registry
+	role   *Role
+	done   chan struct{} // closed when Run returned; err is its result
+	err    error
+	cancel context.CancelFunc
+	name   string // slot, publication and stream name
+}
+
+func newEnv(t *testing.T) (*testenv.Env, jetstream.JetStream) {
+	env := testenv.New(t, testenv.Options{NoReplicas: true, MemcachedPerDC: -1})
+	nc, err := nats.Connect(env.DC("dc1").NATS.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env, js
+}
+
+func (h *harness) exec(sql string, args ...any) {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := h.env.Primary.Exec(ctx, sql, args...); err != nil {
+		h.t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// config is a Role config for rules (and counters, when ctrs is set).
+func (h *harness) config(rules []keys.Rule, ctrs []counters.Rule) (Config, *keys.Set) {
+	h.t.Helper()
+	set, err := keys.Compile(rules)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	c := Config{WAL: wal.DefaultConfig(), Publisher: bus.DefaultPublisherConfig(), CheckInterval: 200 * time.Millisecond}
+	c.WAL.DSN = h.env.Primary.DSN("")
+	c.WAL.Slot, c.WAL.Publication = h.name, h.name
+	c.WAL.StatusInterval = 100 * time.Millisecond
+	c.Publisher.Origin = "dc1"
+	c.Publisher.Stream = bus.StreamConfig{Name: strings.ToUpper(h.name), Subject: "inv." + h.name}
+	if len(ctrs) > 0 {
+		cs, err := counters.Compile(ctrs)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		c.Counters = cs
+		c.WAL.MessagePrefixes = append(c.WAL.MessagePrefixes, counters.RepairPrefix)
+		c.Batcher = batcher.Config{MaxPending: 1000, Interval: 20 * time.Millisecond}
+		c.Store = counterstore.Config{DSN: c.WAL.DSN, MessagePrefix: "invalidate"}
+		c.Increments = bus.StreamConfig{Name: strings.ToUpper(h.name) + "_INCR"}
+	}
+	c.WAL.Tables = Tables(set, c.Counters)
+	return c, set
+}
+
+// start runs a Role with cfg until the test ends.
+func (h *harness) start(cfg Config, rules *keys.Set) {
+	h.t.Helper()
+	h.reg = prometheus.NewRegistry()
+	role, err := New(cfg, rules, h.js, h.reg, zaptest.NewLogger(h.t))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	h.role, h.cancel, h.done = role, cancel, done
+	go func() { h.err = role.Run(ctx); close(done) }()
+	h.t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	select {
+	case <-role.Ready():
+	case <-done:
+		h.t.Fatalf("role stopped while setting up: %v", h.err)
+	case <-time.After(time.Minute):
+		h.t.Fatal("role not ready within a minute")
+	}
+}
+
+// stop is the hard stop; it waits for Run to return.
+func (h *harness) stop() {
+	h.cancel()
+	<-h.done
+}
+
+// running fails the test if the role has stopped.
+func (h *harness) running() {
+	h.t.Helper()
+	select {
+	case <-h.done:
+		h.t.Fatalf("the role stopped: %v", h.err)
+	default:
+	}
+}
+
+// published collects every key published so far on the role's stream.
+func (h *harness) published() map[string]bool {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := h.js.Stream(ctx, strings.ToUpper(h.name))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	got := map[string]bool{}
+	for seq := info.State.FirstSeq; seq > 0 && seq <= info.State.LastSeq; seq++ {
+		m, err := st.GetMsg(ctx, seq)
+		if err != nil {
+			continue
+		}
+		b, err := bus.Decode(m.Data)
+		if err != nil {
+			h.t.Fatal(err)
+		}
+		for _, k := range b.Keys {
+			got[k] = true
+		}
+	}
+	return got
+}
+
+// waitKeys waits until every key is published.
+func (h *harness) waitKeys(ks ...string) {
+	h.t.Helper()
+	testenv.Eventually(h.t, time.Minute, fmt.Sprintf("keys %v published", ks), func() bool {
+		got := h.published()
+		for _, k := range ks {
+			if !got[k] {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// metric is the value of a metric with the given labels (0 if absent).
+func (h *harness) metric(name string, labels ...string) float64 {
+	h.t.Helper()
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if matches(m, labels) {
+				switch {
+				case m.Counter != nil:
+					return m.Counter.GetValue()
+				case m.Gauge != nil:
+					return m.Gauge.GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
+func matches(m *dto.Metric, labels []string) bool {
+	for i := 0; i+1 < len(labels); i += 2 {
+		found := false
+		for _, lp := range m.GetLabel() {
+			if lp.GetName() == labels[i] && lp.GetValue() == labels[i+1] {
+				found = true
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// TestRoleReplicaIdentityChanged: after ALTER TABLE ... REPLICA IDENTITY
+// DEFAULT on a table whose keys use a non-key column, the role notices
+// (the relation message, and the periodic check), says which table is
+// unsafe, and counts the UPDATEs whose old key it could not render. The
+// other keys of those changes are still published. Today's code renders
+// the old key from the new row and says nothing.
+func TestRoleReplicaIdentityChanged(t *testing.T) {
+	env, js := newEnv(t)
+	h := &harness{t: t, env: env, js: js, name: "ident"}
+	h.exec(`CREATE TABLE ident_posts (id int PRIMARY KEY, author_id int NOT NULL); ALTER TABLE ident_posts REPLICA IDENTITY FULL`)
+	h.exec(`INSERT INTO ident_posts VALUES (1, 10)`)
+	cfg, rules := h.config([]keys.Rule{{Table: "public.ident_posts", Keys: []string{"post:{id}", "user_posts:{author_id}"}}}, nil)
+	h.start(cfg, rules)
+
+	h.exec(`UPDATE ident_posts SET author_id = 11 WHERE id = 1`)
+	h.waitKeys("post:1", "user_posts:10", "user_posts:11")
+	testenv.Eventually(t, time.Minute, "identity ok", func() bool {
+		return h.metric("invalidator_replica_identity_ok", "table", "public.ident_posts") == 1
+	})
+
+	h.exec(`ALTER TABLE ident_posts REPLICA IDENTITY DEFAULT`)
+	h.exec(`UPDATE ident_posts SET author_id = 12 WHERE id = 1`)
+	h.waitKeys("user_posts:12")
+	testenv.Eventually(t, time.Minute, "the weak identity to be reported", func() bool {
+		return h.metric("invalidator_replica_identity_ok", "table", "public.ident_posts") == 0 &&
+			h.metric("invalidator_unrendered_keys_total", "table", "public.ident_posts", "reason", "old_value_missing") >= 1
+	})
+	h.running()
+
+	// Fixed again: the next relation message and the check say so.
+	h.exec(`ALTER TABLE ident_posts REPLICA IDENTITY FULL`)
+	h.exec(`UPDATE ident_posts SET author_id = 13 WHERE id = 1`)
+	h.waitKeys("user_posts:12", "user_posts:13")
+	testenv.Eventually(t, time.Minute, "identity ok again", func() bool {
+		return h.metric("invalidator_replica_identity_ok", "table", "public.ident_posts") == 1
+	})
+}
+
+// TestRoleIncrementsFault: deleting the increments stream, or recreating
+// it below the counters' checkpoint, is a counters fault: the role keeps
+// publishing invalidations, says so (invalidator_increments_up 0, a
+// counted error), and a restart does not fail either. Today's code stops
+// the tail (exit 2 at start).
+func TestRoleIncrementsFault(t *testing.T) {
+	env, js := newEnv(t)
+	h := &harness{t: t, env: env, js: js, name: "incf"}
+	h.exec(`CREATE TABLE incf_posts (id int PRIMARY KEY)`)
+	cfg, rules := h.config([]keys.Rule{{Table: "public.incf_posts", Keys: []string{"post:{id}"}}},
+		[]counters.Rule{{Name: "incf_views", GroupBy: []string{"post_id"}, Key: "post:{post_id}:views"}})
+	h.start(cfg, rules)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	testenv.Eventually(t, time.Minute, "increments consumed", func() bool { return h.metric("invalidator_increments_up") == 1 })
+	for i := 1; i <= 3; i++ {
+		if _, err := js.Publish(ctx, counters.IncrementSubjectPrefix+"incf_views", []byte(`{"counter":"incf_views","key":{"post_id":"1"},"delta":1}`)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.Eventually(t, time.Minute, "increments flushed", func() bool {
+		return h.role.batcher.Durable(NATSSource(cfg.Increments.Name)).Major >= 3
+	})
+	var stored int64
+	if err := env.Primary.QueryRowArgs(ctx, `SELECT pos FROM pgcache_counter_checkpoints WHERE source = $1`, []any{NATSSource(cfg.Increments.Name)}, &stored); err != nil || stored < 3 {
+		t.Fatalf("stored checkpoint of the increments: %d, %v; want 3", stored, err)
+	}
+	// The stream is deleted under the running role, then created again
+	// empty (sequences start over, below the checkpoint).
+	if err := js.DeleteStream(ctx, cfg.Increments.Name); err != nil {
+		t.Fatal(err)
+	}
+	h.exec(`INSERT INTO incf_posts VALUES (1)`)
+	h.waitKeys("post:1")
+	h.running()
+	h.stop()
+
+	if _, err := bus.EnsureStream(ctx, js, IncrementStream(cfg.Increments.Name, "")); err != nil {
+		t.Fatal(err)
+	}
+	h.start(cfg, rules) // a restart with the reset stream
+	h.exec(`INSERT INTO incf_posts VALUES (2)`)
+	h.waitKeys("post:2")
+	testenv.Eventually(t, time.Minute, "the counters fault reported", func() bool {
+		return h.metric("invalidator_counter_errors_total", "reason", "increments_unavailable") >= 1 && h.metric("invalidator_increments_up") == 0
+	})
+	h.running()
+}
