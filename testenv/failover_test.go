@@ -232,7 +232,9 @@ func TestParseTimelineHistory(t *testing.T) {
 func TestFailoverUnderLoad(t *testing.T) {
 	for _, v := range pgVersions {
 		t.Run(fmt.Sprintf("pg%d", v), func(t *testing.T) {
+			estart := time.Now()
 			env := testenv.New(t, testenv.Options{PGVersion: v, NoNATS: true, MemcachedPerDC: -1})
+			t.Logf("pg%d: environment started in %s", v, time.Since(estart).Round(time.Millisecond))
 			ctx := ctxT(t, 3*time.Minute)
 			if err := env.Primary.Exec(ctx, "CREATE TABLE t (id int primary key)"); err != nil {
 				t.Fatal(err)
@@ -261,10 +263,12 @@ func TestFailoverUnderLoad(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("writer did not reach 300 commits")
 			}
+			fstart := time.Now()
 			f, err := env.Failover(ctx, testenv.FailoverOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
+			t.Logf("pg%d: Failover took %s (promotion %s)", v, time.Since(fstart).Round(time.Millisecond), f.Promoted.Round(time.Millisecond))
 			last := <-acked
 			var n, maxID int
 			if err := f.NewPrimary.QueryRow(ctx, "SELECT count(*), coalesce(max(id), 0) FROM t", &n, &maxID); err != nil {
