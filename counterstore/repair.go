@@ -36,18 +36,18 @@ const RepairSource = "wal"
 //     the count below, and every write after it commits later in the WAL.
 //  2. Count the groups (a statement taken after the lock, READ COMMITTED,
 //     sees every committed write).
-//  3. Emit a transactional logical message (counters.RepairPrefix) with
-//     the counts, and commit. The message's place in the WAL is exactly
-//     the point where the counts hold.
-//  4. The running invalidator meets the message in WAL order, after every
+//  3. Write the counts as a repair request (a row of RepairTable, which
+//     only the invalidator's role may write), and commit. The INSERT's
+//     place in the WAL is exactly the point where the counts hold.
+//  4. The running invalidator meets the request in WAL order, after every
 //     delta before it and before every delta after it, and sets the groups
 //     to the counts there (with -group none: every other group to zero).
 //     Later deltas add to the repaired values. A crash before that flush
-//     replays the message from the WAL, like any delta.
+//     replays the request from the WAL, like any delta.
 //
 // The lock blocks writers of the source table for the duration of the
 // count only (an index lookup per group; a full scan without -group).
-// Repair then waits until the invalidator's checkpoint passes the message
+// Repair then waits until the invalidator's checkpoint passes the request
 // and prints the stored values.
 func (s *Store) Repair(ctx context.Context, c *counters.Counter, groups [][]string, wait time.Duration, w io.Writer) error {
 	conn, err := pgx.Connect(ctx, s.cfg.DSN)
@@ -56,7 +56,7 @@ func (s *Store) Repair(ctx context.Context, c *counters.Counter, groups [][]stri
 	}
 	defer conn.Close(context.Background())
 	table, ckptTable := s.cfg.Table, s.cfg.CheckpointTable
-	r, msgLSN, err := recount(ctx, conn, c, groups, "", "")
+	r, msgLSN, err := recount(ctx, conn, c, groups, "", "", s.cfg.RepairTable)
 	if err != nil {
 		return fmt.Errorf("repair: %w", err)
 	}
@@ -100,11 +100,11 @@ func (s *Store) Repair(ctx context.Context, c *counters.Counter, groups [][]stri
 }
 
 // recount counts groups of c's source table (every group when groups is
-// empty) under a SHARE lock and emits the repair marker in the same
-// transaction; see Repair. It returns the marker and its LSN. With initRow
+// empty) under a SHARE lock and writes the repair request in the same
+// transaction; see Repair. It returns the repair and the WAL position after it. With initRow
 // set, it first inserts that row into ckptTable, and does nothing (an
 // empty msgLSN) if the row exists: the counter was initialized already.
-func recount(ctx context.Context, conn *pgx.Conn, c *counters.Counter, groups [][]string, initRow, ckptTable string) (r counters.Repair, msgLSN string, err error) {
+func recount(ctx context.Context, conn *pgx.Conn, c *counters.Counter, groups [][]string, initRow, ckptTable, repairTable string) (r counters.Repair, msgLSN string, err error) {
 	schema, rel, _ := strings.Cut(c.Table, ".")
 	var qtable string
 	if err := conn.QueryRow(ctx, `SELECT quote_ident($1) || '.' || quote_ident($2)`, schema, rel).Scan(&qtable); err != nil {
@@ -176,7 +176,12 @@ func recount(ctx context.Context, conn *pgx.Conn, c *counters.Counter, groups []
 				r.Groups = append(r.Groups, g)
 			}
 		}
-		return tx.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, $2::text)::text`, counters.RepairPrefix, string(r.Encode())).Scan(&msgLSN)
+		// The request is a row only this role may write; the tail applies
+		// it where its INSERT is in the WAL.
+		if _, err := tx.Exec(ctx, `INSERT INTO `+repairTable+` (payload) VALUES ($1)`, string(r.Encode())); err != nil {
+			return fmt.Errorf("write the repair request: %w", err)
+		}
+		return tx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&msgLSN)
 	})
 	return r, msgLSN, err
 }
@@ -201,7 +206,7 @@ func (s *Store) InitCounters(ctx context.Context, set *counters.Set, log *zap.Lo
 			}
 			defer conn.Close(context.Background())
 		}
-		r, lsn, err := recount(ctx, conn, c, nil, "init:"+c.Name, ckptTable)
+		r, lsn, err := recount(ctx, conn, c, nil, "init:"+c.Name, ckptTable, s.cfg.RepairTable)
 		if err != nil {
 			return fmt.Errorf("counters: initial count of %s: %w", c.Name, err)
 		}

@@ -30,6 +30,12 @@ type Config struct {
 	// CheckpointTable is the checkpoint table; "" means
 	// pgcache_counter_checkpoints.
 	CheckpointTable string
+	// RepairTable holds repair requests; "" means
+	// pgcache_counter_repairs. Only the role that created it may write it
+	// (EnsureSchema revokes it from PUBLIC), and the tail applies a repair
+	// only when it reads the request's INSERT from the WAL, so no other
+	// database role can change counters by forging one.
+	RepairTable string
 	// MessagePrefix, when set, makes every flush emit
 	// pg_logical_emit_message(true, MessagePrefix, 'k1 k2 ...') with the
 	// cache keys of the groups it changed, in the same transaction, so the
@@ -43,6 +49,7 @@ type Config struct {
 const (
 	DefaultTable           = "pgcache_counters"
 	DefaultCheckpointTable = "pgcache_counter_checkpoints"
+	DefaultRepairTable     = "pgcache_counter_repairs"
 )
 
 var identRE = regexp.MustCompile(`^([a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,62}$`)
@@ -53,6 +60,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.CheckpointTable == "" {
 		c.CheckpointTable = DefaultCheckpointTable
+	}
+	if c.RepairTable == "" {
+		c.RepairTable = DefaultRepairTable
 	}
 	if c.Timeout == 0 {
 		c.Timeout = 30 * time.Second
@@ -69,13 +79,13 @@ func (c Config) Validate() error {
 	if _, err := pgx.ParseConfig(c.DSN); err != nil {
 		return fmt.Errorf("counterstore: config: DSN: %w", err)
 	}
-	for _, t := range []string{c.Table, c.CheckpointTable} {
+	for _, t := range []string{c.Table, c.CheckpointTable, c.RepairTable} {
 		if !identRE.MatchString(t) {
 			return fmt.Errorf("counterstore: config: table name %q: want [schema.]name in lower-case letters, digits and underscores", t)
 		}
 	}
-	if c.Table == c.CheckpointTable {
-		return errors.New("counterstore: config: Table and CheckpointTable are the same")
+	if c.Table == c.CheckpointTable || c.RepairTable == c.Table || c.RepairTable == c.CheckpointTable {
+		return errors.New("counterstore: config: Table, CheckpointTable and RepairTable must differ")
 	}
 	if strings.IndexByte(c.MessagePrefix, 0) >= 0 {
 		return errors.New("counterstore: config: MessagePrefix holds NUL")
@@ -179,7 +189,21 @@ CREATE TABLE IF NOT EXISTS ` + c + ` (
 	source text PRIMARY KEY,
 	pos bigint NOT NULL,
 	sub bigint NOT NULL,
-	updated_at timestamptz NOT NULL DEFAULT now());`
+	updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS ` + p.cfg.RepairTable + ` (
+	id bigserial PRIMARY KEY,
+	payload text NOT NULL,
+	created_at timestamptz NOT NULL DEFAULT now());
+REVOKE ALL ON ` + p.cfg.RepairTable + ` FROM PUBLIC;`
+}
+
+// RepairTable is the repair requests' table as "schema.table", the name
+// the WAL stream reports.
+func (p *Store) RepairTable() string {
+	if strings.IndexByte(p.cfg.RepairTable, '.') >= 0 {
+		return p.cfg.RepairTable
+	}
+	return "public." + p.cfg.RepairTable
 }
 
 // EnsureSchema creates the tables if missing. Concurrent callers are

@@ -75,6 +75,10 @@ type counterHandler struct {
 	b   *batcher.Batcher
 	m   *counterMetrics
 	log *zap.Logger
+	// repairs is the table of repair requests ("schema.table"): an INSERT
+	// into it is a repair, written by `invalidator repair` or a first
+	// count with the invalidator's role.
+	repairs string
 
 	commit uint64 // the open transaction's commit LSN
 	ord    uint64 // ordinal of the last counted input in it
@@ -104,6 +108,12 @@ func (h *counterHandler) Begin(ctx context.Context, tx wal.TxInfo) error {
 }
 
 func (h *counterHandler) Change(ctx context.Context, tx wal.TxInfo, c row.Change) error {
+	if c.Table == h.repairs {
+		if c.Op != row.Insert {
+			return nil
+		}
+		return h.repair(ctx, tx, c)
+	}
 	if !h.set.HasTable(c.Table) {
 		return nil
 	}
@@ -138,18 +148,36 @@ func (h *counterHandler) add(ctx context.Context, in batcher.Input) error {
 	return err
 }
 
-func (h *counterHandler) Message(ctx context.Context, tx wal.TxInfo, m wal.Message) error {
-	if !m.Transactional || m.Prefix != counters.RepairPrefix {
+// Message refuses a repair marker sent as a logical message: any
+// database role may call pg_logical_emit_message, so such a marker could
+// be forged. Repairs come as rows of the repair table (repair).
+func (h *counterHandler) Message(_ context.Context, _ wal.TxInfo, m wal.Message) error {
+	if m.Prefix != counters.RepairPrefix {
 		return nil
 	}
+	h.m.errors.WithLabelValues("forged_repair").Inc()
+	h.log.Error("refused a counter repair sent as a logical message: repairs are only taken from the repair table, which only the invalidator's role may write; "+
+		"find who calls pg_logical_emit_message with this prefix", zap.Stringer("lsn", m.LSN), zap.String("prefix", m.Prefix), zap.Int("bytes", len(m.Content)))
+	return nil
+}
+
+// repair applies a repair request, a row of the repair table, at its
+// place in the WAL.
+func (h *counterHandler) repair(ctx context.Context, tx wal.TxInfo, c row.Change) error {
 	h.ord++
-	resets, sets, err := h.set.ParseRepair(m.Content)
+	var payload []byte
+	for _, col := range c.New {
+		if col.Name == "payload" && !col.Value.Null {
+			payload = []byte(col.Value.Text)
+		}
+	}
+	resets, sets, err := h.set.ParseRepair(payload)
 	if err != nil {
 		h.m.errors.WithLabelValues(CounterReason(err)).Inc()
-		h.log.Error("repair marker not applied", zap.Stringer("lsn", m.LSN), zap.Error(err))
+		h.log.Error("repair request not applied", zap.Uint64("lsn", c.LSN), zap.Error(err))
 		return nil
 	}
-	h.log.Info("applying a repair", zap.Stringer("lsn", m.LSN), zap.Strings("reset", resets), zap.Int("groups", len(sets)))
+	h.log.Info("applying a repair", zap.Stringer("commit_lsn", tx.CommitLSN), zap.Strings("reset", resets), zap.Int("groups", len(sets)))
 	return h.add(ctx, batcher.Input{Source: WALSource, Pos: batcher.Pos{Major: h.commit, Minor: h.ord}, Time: tx.CommitTime,
 		Resets: resets, Sets: toBatcher(sets)})
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -117,6 +118,17 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	// relation messages.
 	var kh *Handler
 	cfg.WAL.OnRelation = func(rel wal.Relation) { kh.Relation(rel) }
+	var store *counterstore.Store
+	if cfg.counting() {
+		var err error
+		if store, err = counterstore.New(cfg.Store); err != nil {
+			return nil, err
+		}
+		// Repair requests are rows of the repair table, read from the WAL.
+		if t := store.RepairTable(); !slices.Contains(cfg.WAL.Tables, t) {
+			cfg.WAL.Tables = append(slices.Clone(cfg.WAL.Tables), t)
+		}
+	}
 	stream, err := wal.New(cfg.WAL, log)
 	if err != nil {
 		return nil, err
@@ -125,7 +137,7 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	if err != nil {
 		return nil, err
 	}
-	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub,
+	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub, store: store,
 		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
 	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
 	r.keys.id.need = func(t string) []string { return NeedOld(t, r.keys.rules, cfg.Counters) }
@@ -136,9 +148,6 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 			Help: "1 while the counter increments are consumed; 0 when they stopped (a counters fault: invalidation goes on)."})
 		if reg != nil && hasIncrements(cfg.Counters) {
 			reg.MustRegister(r.incUp)
-		}
-		if r.store, err = counterstore.New(cfg.Store); err != nil {
-			return nil, err
 		}
 		if r.batcher, err = batcher.New(cfg.Batcher, goingAwayFlusher{Store: r.store, signal: r.goingAway}, batcher.NewMetrics(reg)); err != nil {
 			return nil, err
@@ -240,6 +249,12 @@ func (r *Role) Close() {
 func (r *Role) setup(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(ctx, r.cfg.SetupTimeout)
 	defer cancel()
+	if r.batcher != nil {
+		// The repair table is streamed: it must exist first.
+		if err := r.store.EnsureSchema(sctx); err != nil {
+			return err
+		}
+	}
 	if err := r.stream.Setup(sctx); err != nil {
 		return fmt.Errorf("set up slot and publication: %w", err)
 	}
@@ -248,9 +263,6 @@ func (r *Role) setup(ctx context.Context) error {
 	}
 	if r.batcher == nil {
 		return nil
-	}
-	if err := r.store.EnsureSchema(sctx); err != nil {
-		return err
 	}
 	if err := r.store.InitCounters(sctx, r.cfg.Counters, r.log.Named("counters")); err != nil {
 		return err
@@ -270,7 +282,7 @@ func (r *Role) handler() wal.Handler {
 		return r.keys
 	}
 	return fanout{keys: r.keys, ctr: &counterHandler{set: r.cfg.Counters, b: r.batcher, m: r.ctrm,
-		log: r.log.Named("counters"), wait: handlerWait}}
+		log: r.log.Named("counters"), wait: handlerWait, repairs: r.store.RepairTable()}}
 }
 
 // runStream runs the WAL stream until Drain or ctx, or until it fails.

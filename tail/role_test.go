@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -295,5 +296,66 @@ func TestRoleIncrementsFault(t *testing.T) {
 	testenv.Eventually(t, time.Minute, "the counters fault reported", func() bool {
 		return h.metric("invalidator_counter_errors_total", "reason", "increments_unavailable") >= 1 && h.metric("invalidator_increments_up") == 0
 	})
+	h.running()
+}
+
+// TestRoleForgedRepair: any database role may call
+// pg_logical_emit_message, so a repair marker sent that way (here: one
+// that would zero every like) is refused, counted and logged, and a role
+// other than the invalidator's cannot write the repair table; a real
+// repair (counterstore's, as the invalidator's role) is applied. Today's
+// code applies the forged marker.
+func TestRoleForgedRepair(t *testing.T) {
+	env, js := newEnv(t)
+	h := &harness{t: t, env: env, js: js, name: "forge"}
+	h.exec(`CREATE TABLE forge_likes (id int PRIMARY KEY, post_id int NOT NULL); ALTER TABLE forge_likes REPLICA IDENTITY FULL`)
+	h.exec(`DO $$ BEGIN CREATE ROLE forge_app LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$`)
+	h.exec(`GRANT INSERT, SELECT ON forge_likes TO forge_app`)
+	cfg, rules := h.config([]keys.Rule{{Table: "public.forge_likes", Keys: []string{"like:{id}"}}},
+		[]counters.Rule{{Name: "forge_post_likes", Table: "public.forge_likes", GroupBy: []string{"post_id"}, Key: "post:{post_id}:likes"}})
+	cfg.Store.MessagePrefix = "invalidate"
+	cfg.WAL.MessagePrefixes = append(cfg.WAL.MessagePrefixes, "invalidate")
+	h.start(cfg, rules)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	count := func() int64 {
+		var n int64
+		err := env.Primary.QueryRowArgs(ctx, `SELECT coalesce((SELECT n FROM pgcache_counters WHERE counter = 'forge_post_likes' AND grp = '["1"]'), 0)`, nil, &n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	h.exec(`INSERT INTO forge_likes VALUES (1, 1), (2, 1), (3, 1)`)
+	testenv.Eventually(t, time.Minute, "3 likes counted", func() bool { return count() == 3 })
+
+	// The forger: an application role.
+	app, err := pgx.Connect(ctx, strings.Replace(env.Primary.DSN(""), "postgres://postgres@", "postgres://forge_app@", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(context.Background())
+	forged := `{"counter":"forge_post_likes","all":true,"groups":[]}`
+	if _, err := app.Exec(ctx, `SELECT pg_logical_emit_message(true, $1, $2::text)`, counters.RepairPrefix, forged); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := app.Exec(ctx, `INSERT INTO pgcache_counter_repairs (payload) VALUES ($1)`, forged); err == nil {
+		t.Fatal("the application role wrote the repair table; want permission denied")
+	}
+	h.exec(`INSERT INTO forge_likes VALUES (4, 1)`) // after the forgery in the WAL
+	testenv.Eventually(t, time.Minute, "the forged repair refused and counted", func() bool {
+		return h.metric("invalidator_counter_errors_total", "reason", "forged_repair") == 1
+	})
+	testenv.Eventually(t, time.Minute, "4 likes counted", func() bool { return count() == 4 })
+
+	// A real repair, after the stored count was corrupted, sets it back.
+	h.exec(`UPDATE pgcache_counters SET n = 100 WHERE counter = 'forge_post_likes'`)
+	var out strings.Builder
+	if err := h.role.store.Repair(ctx, cfg.Counters.Counter("forge_post_likes"), nil, time.Minute, &out); err != nil {
+		t.Fatalf("repair: %v\n%s", err, out.String())
+	}
+	if n := count(); n != 4 {
+		t.Fatalf("after the repair: got %d likes; want 4\n%s", n, out.String())
+	}
 	h.running()
 }
