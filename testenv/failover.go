@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -49,6 +50,11 @@ type Failover struct {
 	SwitchLSN string
 	// Repointed are the replicas that now follow the new primary.
 	Repointed []*Postgres
+	// Rebuilt are those of them that had received WAL of the old timeline
+	// past SwitchLSN (possible when Target was given): they cannot follow
+	// the new timeline, so they were made again from a copy of the new
+	// primary, as an operator would with pg_rewind or a new base backup.
+	Rebuilt []*Postgres
 	// Promoted is how long the promotion took, from the old primary's stop
 	// until the target accepted writes.
 	Promoted time.Duration
@@ -114,10 +120,16 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 			return nil, fmt.Errorf("failover: %w", err)
 		}
 	}
+	pos, err := receivedLSNs(ctx, replicas)
+	if err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
+	}
 	if target == nil {
-		var err error
-		if target, err = mostAdvanced(ctx, replicas); err != nil {
-			return nil, fmt.Errorf("failover: %w", err)
+		// The most advanced, the first on a tie.
+		for _, r := range replicas {
+			if target == nil || pos[r] > pos[target] {
+				target = r
+			}
 		}
 	}
 	f := &Failover{OldPrimary: old, NewPrimary: target}
@@ -158,19 +170,42 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 	if n := len(f.History); n > 0 {
 		f.SwitchLSN = f.History[n-1].SwitchLSN
 	}
-	for _, dc := range others {
-		if err := e.repoint(ctx, dc, target); err != nil {
-			return nil, fmt.Errorf("failover: %w", err)
-		}
-		f.Repointed = append(f.Repointed, dc.Replica)
+	switchAt, err := parseLSN(f.SwitchLSN)
+	if err != nil {
+		return nil, fmt.Errorf("failover: %w", err)
 	}
 	for _, dc := range others {
-		if dc.ReplLink.IsCut() {
-			continue
+		rebuild := pos[dc.Replica] > switchAt
+		if !rebuild {
+			if err := e.repoint(ctx, dc, target); err != nil {
+				return nil, fmt.Errorf("failover: %w", err)
+			}
+			if dc.ReplLink.IsCut() {
+				f.Repointed = append(f.Repointed, dc.Replica)
+				continue
+			}
+			// A replica measured behind that was in fact ahead never
+			// streams the new timeline: rebuild it after a while.
+			wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err := dc.Replica.WaitTimeline(wctx, tli)
+			cancel()
+			if err != nil && ctx.Err() != nil {
+				return nil, fmt.Errorf("failover: %w", err)
+			}
+			rebuild = err != nil
 		}
-		if err := dc.Replica.WaitTimeline(ctx, tli); err != nil {
-			return nil, fmt.Errorf("failover: %w", err)
+		if rebuild {
+			if err := e.rebuild(ctx, dc, target); err != nil {
+				return nil, fmt.Errorf("failover: %w", err)
+			}
+			f.Rebuilt = append(f.Rebuilt, dc.Replica)
+			if !dc.ReplLink.IsCut() {
+				if err := dc.Replica.WaitTimeline(ctx, tli); err != nil {
+					return nil, fmt.Errorf("failover: %w", err)
+				}
+			}
 		}
+		f.Repointed = append(f.Repointed, dc.Replica)
 	}
 	return f, nil
 }
@@ -194,34 +229,85 @@ func (pg *Postgres) waitNotStreaming(ctx context.Context, timeout time.Duration)
 	}
 }
 
-// mostAdvanced is the replica that has received the most WAL, the first on
-// a tie.
-func mostAdvanced(ctx context.Context, replicas []*Postgres) (*Postgres, error) {
-	var best *Postgres
-	var bestLSN string
+// receivedLSNs is how far each replica's WAL goes: the greater of what it
+// received and what it replayed (a restarted WAL receiver reports from the
+// start of its segment).
+func receivedLSNs(ctx context.Context, replicas []*Postgres) (map[*Postgres]uint64, error) {
+	out := map[*Postgres]uint64{}
 	for _, r := range replicas {
-		var lsn string
-		if err := r.QueryRow(ctx, `SELECT greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text`, &lsn); err != nil {
+		var s string
+		if err := r.QueryRow(ctx, `SELECT coalesce(greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0')::text`, &s); err != nil {
 			return nil, err
 		}
-		ahead := best == nil
-		if !ahead {
-			if err := r.QueryRowArgs(ctx, "SELECT $1::pg_lsn > $2::pg_lsn", []any{lsn, bestLSN}, &ahead); err != nil {
-				return nil, err
-			}
+		lsn, err := parseLSN(s)
+		if err != nil {
+			return nil, err
 		}
-		if ahead {
-			best, bestLSN = r, lsn
-		}
+		out[r] = lsn
 	}
-	return best, nil
+	return out, nil
 }
 
-// repoint makes dc's replica follow primary through a new link.
-func (e *Env) repoint(ctx context.Context, dc *DC, primary *Postgres) error {
-	l, err := StartLink(dc.Name+"-replication", primary.Addr())
+// parseLSN parses pg_lsn text, "16/B374D848".
+func parseLSN(s string) (uint64, error) {
+	hi, lo, ok := strings.Cut(s, "/")
+	if !ok || !isHex(hi) || !isHex(lo) {
+		return 0, fmt.Errorf("testenv: bad LSN %q", s)
+	}
+	h, _ := strconv.ParseUint(hi, 16, 32)
+	l, _ := strconv.ParseUint(lo, 16, 32)
+	return h<<32 | l, nil
+}
+
+// rebuild makes dc's replica again from a copy of primary and starts it
+// following primary through a new link.
+func (e *Env) rebuild(ctx context.Context, dc *DC, primary *Postgres) error {
+	r := dc.Replica
+	if err := r.Stop(); err != nil && !errors.Is(err, ErrNotRunning) {
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	if err := os.RemoveAll(r.DataDir); err != nil {
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	if err := os.Mkdir(r.DataDir, 0o700); err != nil {
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	if err := os.Chown(r.DataDir, int(r.cred.Uid), int(r.cred.Gid)); err != nil {
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	if err := r.copyFrom(ctx, primary); err != nil {
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	l, err := e.newReplLink(dc, primary)
 	if err != nil {
 		return err
+	}
+	if err := r.writeStandby(l.Addr); err != nil {
+		_ = l.Close()
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	if err := r.writeConf(); err != nil {
+		_ = l.Close()
+		return err
+	}
+	if err := primary.syncStandbySlots(ctx); err != nil {
+		_ = l.Close()
+		return err
+	}
+	if err := r.Start(ctx); err != nil {
+		_ = l.Close()
+		return fmt.Errorf("rebuild %s: %w", r.Name, err)
+	}
+	e.swapReplLink(dc, l)
+	return nil
+}
+
+// newReplLink is a link to primary for dc's replication, cut and slowed as
+// dc's current one is.
+func (e *Env) newReplLink(dc *DC, primary *Postgres) (*Link, error) {
+	l, err := StartLink(dc.Name+"-replication", primary.Addr())
+	if err != nil {
+		return nil, err
 	}
 	if old := dc.ReplLink; old != nil {
 		l.SetLatency(old.Latency())
@@ -229,15 +315,29 @@ func (e *Env) repoint(ctx context.Context, dc *DC, primary *Postgres) error {
 			l.Cut()
 		}
 	}
+	return l, nil
+}
+
+// swapReplLink makes l dc's replication link and closes the one it had.
+func (e *Env) swapReplLink(dc *DC, l *Link) {
+	old := dc.ReplLink
+	dc.ReplLink = l
+	if old != nil && old != l {
+		_ = old.Close()
+	}
+}
+
+// repoint makes dc's replica follow primary through a new link.
+func (e *Env) repoint(ctx context.Context, dc *DC, primary *Postgres) error {
+	l, err := e.newReplLink(dc, primary)
+	if err != nil {
+		return err
+	}
 	if err := dc.Replica.Repoint(ctx, l.Addr); err != nil {
 		_ = l.Close()
 		return err
 	}
-	old := dc.ReplLink
-	dc.ReplLink = l
-	if old != nil {
-		_ = old.Close()
-	}
+	e.swapReplLink(dc, l)
 	return nil
 }
 

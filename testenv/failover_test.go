@@ -301,3 +301,63 @@ func TestFailoverUnderLoad(t *testing.T) {
 		})
 	}
 }
+
+// TestFailoverRebuildsReplicaAhead promotes a replica that is behind
+// another: the one ahead holds WAL of the old timeline past the switch, so
+// Failover makes it again from the new primary, and it then follows it.
+func TestFailoverRebuildsReplicaAhead(t *testing.T) {
+	for _, v := range pgVersions {
+		t.Run(fmt.Sprintf("pg%d", v), func(t *testing.T) {
+			env := testenv.New(t, testenv.Options{PGVersion: v, NoNATS: true, MemcachedPerDC: -1})
+			ctx := ctxT(t, 3*time.Minute)
+			old := env.Primary
+			r1, r2 := env.DC("dc1").Replica, env.DC("dc2").Replica
+			if err := old.Exec(ctx, "CREATE TABLE t (id int primary key, v text); INSERT INTO t VALUES (1, 'before')"); err != nil {
+				t.Fatal(err)
+			}
+			lsn, err := old.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := r1.WaitReplayed(ctx, lsn); err != nil {
+				t.Fatal(err)
+			}
+			env.DC("dc1").ReplLink.Cut()
+			if err := old.Exec(ctx, "INSERT INTO t VALUES (2, 'dc2 only')"); err != nil {
+				t.Fatal(err)
+			}
+			if lsn, err = old.CurrentLSN(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := r2.WaitReplayed(ctx, lsn); err != nil {
+				t.Fatal(err)
+			}
+			f, err := env.Failover(ctx, testenv.FailoverOptions{Target: r1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(f.Rebuilt) != 1 || f.Rebuilt[0] != r2 || len(f.Repointed) != 1 || f.Repointed[0] != r2 {
+				t.Fatalf("got rebuilt %v, repointed %v; want dc2's replica in both", f.Rebuilt, f.Repointed)
+			}
+			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t VALUES (3, 'after')"); err != nil {
+				t.Fatal(err)
+			}
+			if lsn, err = f.NewPrimary.CurrentLSN(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := r2.WaitReplayed(ctx, lsn); err != nil {
+				t.Fatal(err)
+			}
+			var rows string
+			if err := r2.QueryRow(ctx, "SELECT string_agg(v, ',' ORDER BY id) FROM t", &rows); err != nil {
+				t.Fatal(err)
+			}
+			if rows != "before,after" {
+				t.Errorf("rebuilt %s: got rows %q; want %q", r2.Name, rows, "before,after")
+			}
+			if tli, err := r2.Timeline(ctx); err != nil || tli != f.Timeline {
+				t.Errorf("rebuilt %s: got timeline %d (%v); want %d", r2.Name, tli, err, f.Timeline)
+			}
+		})
+	}
+}
