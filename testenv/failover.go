@@ -45,8 +45,9 @@ type Failover struct {
 	// history; the last entry is the switch this failover made.
 	Timeline uint32
 	History  []TimelineSwitch
-	// SwitchLSN is where the new timeline begins: the WAL of the old
-	// primary past it is on no server any more.
+	// SwitchLSN is where the new timeline begins: what the old primary
+	// wrote past it (commits no replica received) is not in the new
+	// history.
 	SwitchLSN string
 	// Repointed are the replicas that now follow the new primary.
 	Repointed []*Postgres
@@ -70,10 +71,16 @@ type Failover struct {
 // on the target before the promotion, so that it keeps the WAL they need;
 // on PostgreSQL 17 its synchronized_standby_slots lists them.
 //
+// A replica that holds WAL of the old timeline past the switch (when a
+// Target behind it was given) cannot follow: it is made again from a copy
+// of the new primary (Failover.Rebuilt).
+//
 // Env.Primary becomes the target. The promoted replica stays its DC's
 // Replica too (a purge gate on it reads pg_current_wal_lsn()). Failover
 // waits until every repointed replica whose link is not cut streams the
-// new timeline.
+// new timeline. It writes Env.Primary and the DCs' ReplLink: goroutines
+// that run during it must not read those fields (take the servers and
+// DSNs they need before; a MultiHostDSN rides the failover).
 func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, error) {
 	target := opts.Target
 	if target != nil && (!target.Replica || !target.Running()) {
