@@ -263,6 +263,16 @@ func TestFailoverUnderLoad(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("writer did not reach 300 commits")
 			}
+			// Both replicas have the first 300 while the writer goes on.
+			lsn, err := env.Primary.CurrentLSN(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, dc := range env.DCs {
+				if err := dc.Replica.WaitReplayed(ctx, lsn); err != nil {
+					t.Fatal(err)
+				}
+			}
 			fstart := time.Now()
 			f, err := env.Failover(ctx, testenv.FailoverOptions{})
 			if err != nil {
@@ -282,7 +292,7 @@ func TestFailoverUnderLoad(t *testing.T) {
 			if err := f.NewPrimary.Exec(ctx, "INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 99) g", maxID+1); err != nil {
 				t.Fatal(err)
 			}
-			lsn, err := f.NewPrimary.CurrentLSN(ctx)
+			lsn, err = f.NewPrimary.CurrentLSN(ctx)
 			if err != nil {
 				t.Fatal(err)
 			}
