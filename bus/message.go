@@ -47,7 +47,11 @@ type Batch struct {
 	Txs        int       `json:"txs"`
 	Part       int       `json:"part,omitempty"`
 	Final      bool      `json:"final"`
-	Keys       []string  `json:"keys"`
+	// Flush announces that every datacenter must flush its whole pool,
+	// once (the slot was lost: the changes in between cannot be decoded).
+	// Such a batch has no keys; CommitLSN is where the new slot starts.
+	Flush bool     `json:"flush,omitempty"`
+	Keys  []string `json:"keys"`
 }
 
 // Encode returns the wire form of b. '<', '>' and '&' are not escaped,
@@ -111,6 +115,9 @@ func (b *Batch) MsgID() string {
 	for _, k := range b.Keys {
 		h.Write([]byte(k))
 		h.Write([]byte{0})
+	}
+	if b.Flush {
+		return fmt.Sprintf("flush-%s-%X", b.Origin, b.CommitLSN)
 	}
 	return fmt.Sprintf("%s-%X-%X-%d-%x", b.Origin, b.CommitLSN, b.EndLSN, b.Part, h.Sum64())
 }

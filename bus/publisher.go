@@ -524,6 +524,38 @@ func (p *Publisher) Drain(ctx context.Context) error {
 	}
 }
 
+// Announce publishes b on its own, outside the batches, and waits until
+// JetStream stores it, retrying until ctx ends: the announcement of a
+// pool flush after a slot loss, which must be durable before the stream
+// goes on.
+func (p *Publisher) Announce(ctx context.Context, b *Batch) error {
+	b.Origin = p.cfg.Origin
+	b.Final = true
+	data, err := b.Encode()
+	if err != nil {
+		return fmt.Errorf("encode announcement: %w", err)
+	}
+	msg := nats.NewMsg(p.cfg.Stream.Subject)
+	msg.Data = data
+	msg.Header.Set(jetstream.MsgIDHeader, b.MsgID())
+	for attempt := 0; ; attempt++ {
+		actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+		_, err = p.js.PublishMsg(actx, msg)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("announce: %w", err)
+		}
+		d := retry.Delay(attempt)
+		p.log.Warn("announcement not stored; retrying", zap.Error(err), zap.Duration("retry_in", d))
+		if err := backoff.Wait(ctx, d); err != nil {
+			return fmt.Errorf("announce: %w", err)
+		}
+	}
+}
+
 // Stats returns counters for metrics.
 func (p *Publisher) Stats() PublisherStats {
 	p.statsMu.Lock()

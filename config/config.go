@@ -29,7 +29,12 @@ type Config struct {
 	DC       string          `yaml:"dc"`       // this process's datacenter
 	Postgres PostgresConfig  `yaml:"postgres"` // the primary
 	NATS     NATSConfig      `yaml:"nats"`
-	Tail     bool            `yaml:"tail"`  // this process may hold the slot
+	Tail     bool            `yaml:"tail"`
+	// OnSlotLoss is what the tail does when its slot was lost (missing
+	// after this pipeline ran, or invalidated): exit (default: exit 3,
+	// an operator flushes) or flush (every datacenter's pool is flushed
+	// once, announced on the stream, and the counters recounted).
+	OnSlotLoss string `yaml:"on_slot_loss"`  // this process may hold the slot
 	Purge    *PurgeConfig    `yaml:"purge"` // this DC's pool; nil: no purging here
 	Rules    []keys.Rule     `yaml:"rules"`
 	Messages MessagesConfig  `yaml:"messages"`
@@ -230,6 +235,9 @@ func (c *Config) Validate() (*keys.Set, error) {
 	}
 	if (c.NATS.TLS.Cert == "") != (c.NATS.TLS.Key == "") {
 		bad("nats.tls: cert and key go together")
+	}
+	if c.OnSlotLoss != "" && c.OnSlotLoss != "exit" && c.OnSlotLoss != "flush" {
+		bad("on_slot_loss %q: want exit or flush", c.OnSlotLoss)
 	}
 	if !c.Tail && c.Purge == nil {
 		bad("neither tail nor purge is configured: nothing to do")

@@ -38,6 +38,11 @@ type Config struct {
 	// SetupTimeout bounds the setup of the slot, the streams and the
 	// counter tables. 0 means 30s.
 	SetupTimeout time.Duration
+	// OnSlotLoss is SlotLossExit (default) or SlotLossFlush.
+	OnSlotLoss string
+	// StateInterval is how often the pipeline's state is saved in
+	// JetStream. 0 means 5s.
+	StateInterval time.Duration
 	// CheckInterval is how often the tables are checked again against
 	// the rules (columns, replica identity of each table and partition),
 	// besides the relation messages of the stream. 0 means 1m; negative
@@ -63,6 +68,9 @@ func (c Config) Validate() error {
 		if c.Increments.Name == "" {
 			return errors.New("tail: config: the increments stream has no name")
 		}
+	}
+	if c.OnSlotLoss != "" && c.OnSlotLoss != SlotLossExit && c.OnSlotLoss != SlotLossFlush {
+		return fmt.Errorf("tail: config: on_slot_loss %q: want %q or %q", c.OnSlotLoss, SlotLossExit, SlotLossFlush)
 	}
 	if c.SetupTimeout < 0 {
 		return fmt.Errorf("tail: config: SetupTimeout (%s) is negative", c.SetupTimeout)
@@ -92,6 +100,11 @@ type Role struct {
 	batcher *batcher.Batcher // nil without counters
 	store   *counterstore.Store
 
+	system   wal.System // the primary, identified at setup
+	slotLost prometheus.Counter
+	stateMu  sync.Mutex    // guards state
+	state    bus.TailState // the pipeline's state, saved in JetStream
+
 	// goingAway is signalled when a counter flush fails because the
 	// primary is shutting down or unreachable.
 	goingAway chan struct{}
@@ -113,6 +126,12 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	}
 	if cfg.CheckInterval == 0 {
 		cfg.CheckInterval = time.Minute
+	}
+	if cfg.StateInterval == 0 {
+		cfg.StateInterval = 5 * time.Second
+	}
+	if cfg.OnSlotLoss == "" {
+		cfg.OnSlotLoss = SlotLossExit
 	}
 	// The keys handler follows the tables' replica identity from the
 	// relation messages.
@@ -139,6 +158,11 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	}
 	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub, store: store,
 		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
+	r.slotLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_slot_losses_total",
+		Help: "Times this process found its replication slot lost (missing after it ran before, or invalidated)."})
+	if reg != nil {
+		reg.MustRegister(r.slotLost)
+	}
 	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
 	r.keys.id.need = func(t string) []string { return NeedOld(t, r.keys.rules, cfg.Counters) }
 	kh = r.keys
@@ -186,6 +210,7 @@ func (r *Role) Run(ctx context.Context) error {
 	if r.cfg.CheckInterval > 0 {
 		g.Go(func() error { r.watchIdentity(bctx, r.cfg.CheckInterval); return nil })
 	}
+	g.Go(func() error { r.keepState(bctx, r.cfg.StateInterval); return nil })
 	if r.batcher != nil {
 		g.Go(func() error {
 			if err := r.batcher.Run(bctx); err != nil {
@@ -255,15 +280,30 @@ func (r *Role) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := r.stream.Setup(sctx); err != nil {
-		return fmt.Errorf("set up slot and publication: %w", err)
-	}
 	if _, err := bus.EnsureStream(sctx, r.js, r.cfg.Publisher.Stream); err != nil {
 		return err
 	}
-	if r.batcher == nil {
-		return nil
+	lost, err := r.checkSlot(sctx)
+	if err != nil {
+		return err
 	}
+	if err := r.stream.Setup(sctx); err != nil {
+		return fmt.Errorf("set up slot and publication: %w", err)
+	}
+	if r.batcher != nil {
+		if err := r.setupCounters(sctx); err != nil {
+			return err
+		}
+	}
+	if lost {
+		return r.recover(sctx)
+	}
+	return r.saveState(sctx)
+}
+
+// setupCounters counts what the counters' tables held before they were
+// configured, and loads the checkpoints.
+func (r *Role) setupCounters(sctx context.Context) error {
 	if err := r.store.InitCounters(sctx, r.cfg.Counters, r.log.Named("counters")); err != nil {
 		return err
 	}
@@ -314,6 +354,16 @@ func (r *Role) runStream(ctx context.Context) error {
 		}()
 		err := r.stream.Run(sctx, h)
 		cancel()
+		if errors.Is(err, wal.ErrSlotGone) && r.cfg.OnSlotLoss == SlotLossFlush && ctx.Err() == nil {
+			// Dropped or invalidated while streaming: a new slot, and a
+			// flush of every pool for the stretch in between.
+			r.slotLost.Inc()
+			r.log.Error("the replication slot was lost while streaming; on_slot_loss: flush", zap.Error(err))
+			if rerr := r.recoverRunning(ctx); rerr != nil {
+				return fmt.Errorf("%w (recovering: %w)", err, rerr)
+			}
+			continue
+		}
 		select {
 		case <-released:
 		default:
@@ -331,6 +381,19 @@ func (r *Role) runStream(ctx context.Context) error {
 			return nil
 		}
 	}
+}
+
+// recoverRunning replaces a slot lost while streaming.
+func (r *Role) recoverRunning(ctx context.Context) error {
+	sctx, cancel := context.WithTimeout(ctx, r.cfg.SetupTimeout)
+	defer cancel()
+	if err := r.stream.DropSlot(sctx); err != nil {
+		return err
+	}
+	if err := r.stream.Setup(sctx); err != nil {
+		return err
+	}
+	return r.recover(sctx)
 }
 
 // goingAwayFlusher tells runStream when the primary is going away.

@@ -2,6 +2,7 @@ package tail
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -356,6 +357,121 @@ func TestRoleForgedRepair(t *testing.T) {
 	}
 	if n := count(); n != 4 {
 		t.Fatalf("after the repair: got %d likes; want 4\n%s", n, out.String())
+	}
+	h.running()
+}
+
+// runUntilReady runs a Role and returns nil once it is ready, or the
+// error it stopped with.
+func (h *harness) runUntilReady(cfg Config, rules *keys.Set) error {
+	h.t.Helper()
+	role, err := New(cfg, rules, h.js, prometheus.NewRegistry(), zaptest.NewLogger(h.t))
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- role.Run(ctx) }()
+	select {
+	case <-role.Ready():
+		cancel()
+		<-done
+		return nil
+	case err := <-done:
+		return err
+	case <-time.After(time.Minute):
+		cancel()
+		<-done
+		return errors.New("neither ready nor stopped within a minute")
+	}
+}
+
+// TestRoleSlotLost: a pipeline that ran before and finds its slot missing
+// never starts a new one silently. With on_slot_loss: exit it stops with
+// ErrSlotLost (exit 3) and creates nothing; with flush it creates the
+// slot, announces one flush of every pool on the stream, recounts the
+// counters (the likes written while there was no slot are counted), and
+// streams. Today's code creates a new slot and says nothing.
+func TestRoleSlotLost(t *testing.T) {
+	env, js := newEnv(t)
+	h := &harness{t: t, env: env, js: js, name: "lost"}
+	h.exec(`CREATE TABLE lost_likes (id int PRIMARY KEY, post_id int NOT NULL); ALTER TABLE lost_likes REPLICA IDENTITY FULL`)
+	cfg, rules := h.config([]keys.Rule{{Table: "public.lost_likes", Keys: []string{"like:{id}"}}},
+		[]counters.Rule{{Name: "lost_post_likes", Table: "public.lost_likes", GroupBy: []string{"post_id"}, Key: "post:{post_id}:likes"}})
+	cfg.WAL.MessagePrefixes = append(cfg.WAL.MessagePrefixes, "invalidate")
+	h.start(cfg, rules)
+	h.exec(`INSERT INTO lost_likes VALUES (1, 1)`)
+	h.waitKeys("like:1")
+	h.stop()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// The walsender lets go of the slot a moment after the stop.
+	testenv.Eventually(t, time.Minute, "the slot dropped", func() bool {
+		return env.Primary.Exec(ctx, `SELECT pg_drop_replication_slot('lost')`) == nil
+	})
+	h.exec(`INSERT INTO lost_likes VALUES (2, 1), (3, 1)`) // never decoded
+	slotExists := func() bool {
+		var n int
+		if err := env.Primary.QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'lost'`, &n); err != nil {
+			t.Fatal(err)
+		}
+		return n == 1
+	}
+
+	err := h.runUntilReady(cfg, rules)
+	if !errors.Is(err, ErrSlotLost) || !errors.Is(err, wal.ErrSlotGone) {
+		t.Fatalf("on_slot_loss exit: got %v; want ErrSlotLost wrapping wal.ErrSlotGone", err)
+	}
+	if slotExists() {
+		t.Fatal("on_slot_loss exit created a new slot; want none until an operator acts")
+	}
+
+	cfg.OnSlotLoss = SlotLossFlush
+	h.start(cfg, rules)
+	if !slotExists() {
+		t.Fatal("on_slot_loss flush: no new slot")
+	}
+	flushes := func() int {
+		st, err := js.Stream(ctx, strings.ToUpper(h.name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := st.Info(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
+			if m, err := st.GetMsg(ctx, seq); err == nil {
+				if b, err := bus.Decode(m.Data); err == nil && b.Flush {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	if n := flushes(); n != 1 {
+		t.Fatalf("got %d flush announcements; want 1", n)
+	}
+	h.exec(`INSERT INTO lost_likes VALUES (4, 1)`)
+	h.waitKeys("like:4")
+	var n int64
+	testenv.Eventually(t, time.Minute, "the likes recounted (4, of which 2 written without a slot)", func() bool {
+		if err := env.Primary.QueryRowArgs(ctx, `SELECT coalesce((SELECT n FROM pgcache_counters WHERE counter = 'lost_post_likes' AND grp = '["1"]'), 0)`, nil, &n); err != nil {
+			t.Fatal(err)
+		}
+		return n == 4
+	})
+	if h.metric("invalidator_slot_losses_total") != 1 {
+		t.Errorf("got invalidator_slot_losses_total %v; want 1", h.metric("invalidator_slot_losses_total"))
+	}
+	// A restart afterwards is an ordinary one: no second flush.
+	h.stop()
+	h.start(cfg, rules)
+	if n := flushes(); n != 1 {
+		t.Fatalf("after a restart: got %d flush announcements; want still 1", n)
 	}
 	h.running()
 }

@@ -536,3 +536,43 @@ func SlotStatus(ctx context.Context, dsn, slot string) (SlotInfo, error) {
 	}
 	return info, nil
 }
+
+// System identifies the database cluster a DSN reaches.
+type System struct {
+	ID       string        // the system identifier, shared by a primary and its physical replicas
+	Timeline uint32        // the server's current timeline
+	WALEnd   pglogrepl.LSN // its current WAL position (flush position)
+}
+
+// IdentifySystem asks the server of s's DSN who it is (IDENTIFY_SYSTEM on
+// a replication connection).
+func (s *Stream) IdentifySystem(ctx context.Context) (System, error) {
+	ctx, cancel := withTimeout(ctx, queryTimeout)
+	defer cancel()
+	conn, err := s.connectRepl(ctx)
+	if err != nil {
+		return System{}, err
+	}
+	defer conn.Close(context.Background())
+	r, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		return System{}, classify("identify system", err)
+	}
+	return System{ID: r.SystemID, Timeline: uint32(r.Timeline), WALEnd: r.XLogPos}, nil
+}
+
+// DropSlot drops s's slot if it exists and no process streams from it:
+// after it was invalidated, so that Setup creates it anew.
+func (s *Stream) DropSlot(ctx context.Context) error {
+	ctx, cancel := withTimeout(ctx, queryTimeout)
+	defer cancel()
+	conn, err := connect(ctx, s.cfg.DSN)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, s.cfg.Slot); err != nil {
+		return fmt.Errorf("wal: drop slot %q: %w", s.cfg.Slot, err)
+	}
+	return nil
+}

@@ -180,6 +180,7 @@ func (d *daemon) tailConfig(rules *keys.Set) tail.Config {
 	if c.CounterSet.Len() > 0 {
 		tc.WAL.MessagePrefixes = append(tc.WAL.MessagePrefixes, counters.RepairPrefix)
 	}
+	tc.OnSlotLoss = c.OnSlotLoss
 	tc.Publisher.Origin = c.DC
 	tc.Publisher.Stream.Name, tc.Publisher.Stream.Placement = c.NATS.Stream, c.NATS.Placement
 	tc.Batcher = batcher.Config{MaxPending: c.Batcher.MaxPending, Interval: c.Batcher.Interval}
