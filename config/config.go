@@ -29,16 +29,16 @@ type Config struct {
 	DC       string         `yaml:"dc"`       // this process's datacenter
 	Postgres PostgresConfig `yaml:"postgres"` // the primary
 	NATS     NATSConfig     `yaml:"nats"`
-	Tail     bool           `yaml:"tail"`
+	Tail     bool           `yaml:"tail"` // this process may hold the slot
 	// OnSlotLoss is what the tail does when its slot was lost (missing
 	// after this pipeline ran, or invalidated): exit (default: exit 3,
 	// an operator flushes) or flush (every datacenter's pool is flushed
 	// once, announced on the stream, and the counters recounted).
-	OnSlotLoss string          `yaml:"on_slot_loss"` // this process may hold the slot
-	Purge      *PurgeConfig    `yaml:"purge"`        // this DC's pool; nil: no purging here
+	OnSlotLoss string          `yaml:"on_slot_loss"`
+	Purge      *PurgeConfig    `yaml:"purge"` // this DC's pool; nil: no purging here
 	Rules      []keys.Rule     `yaml:"rules"`
 	Messages   MessagesConfig  `yaml:"messages"`
-	Counters   []counters.Rule `yaml:"counters"` // denormalized counters (see counters.go); need tail: true and messages.prefix
+	Counters   []counters.Rule `yaml:"counters"` // denormalized counters (see counters.go); need tail: true and messages.prefix (see package tail)
 	// Batcher tunes how counter deltas are batched and where they are stored.
 	Batcher BatcherConfig `yaml:"batcher"`
 	// Increments is the JetStream stream of direct increments for counters
