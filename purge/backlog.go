@@ -48,32 +48,31 @@ func (p *Purger) WithBacklog(b Backlog) *Purger {
 	return p
 }
 
-// load reads the server's backlog state, retrying until it succeeds or
-// ctx ends (false).
-func (w *worker) load(ctx context.Context) bool {
-	pol := backoff.Policy{Min: 100 * time.Millisecond, Max: 5 * time.Second}
-	for attempt := 0; ; attempt++ {
-		st, err := w.p.backlog.Load(ctx, w.addr)
-		if err == nil {
-			w.mu.Lock()
-			w.bl = st
-			w.mu.Unlock()
-			if st.Keys > 0 || st.Flush {
-				w.p.log.Info("memcached server has a backlog from before; it is applied once the server answers",
-					zap.String("server", w.addr), zap.Int64("keys", st.Keys), zap.Bool("flush", st.Flush))
-			}
-			return true
+// loadRetry is the backoff between attempts to read a server's backlog
+// state at start.
+var loadRetry = backoff.Policy{Min: time.Second, Max: 30 * time.Second}
+
+// load reads the server's backlog state (attempt counts the failures so
+// far, for the log); false when it could not.
+func (w *worker) load(ctx context.Context, attempt int) bool {
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	st, err := w.p.backlog.Load(lctx, w.addr)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil && attempt%10 == 0 {
+			w.p.log.Warn("cannot read the backlog; applying keys directly (a down server's keys are retried, not recorded) and trying again",
+				zap.String("server", w.addr), zap.Int("attempt", attempt+1), zap.Error(err))
 		}
-		if ctx.Err() != nil {
-			return false
-		}
-		if attempt == 0 || attempt%10 == 0 {
-			w.p.log.Warn("cannot read the backlog; retrying", zap.String("server", w.addr), zap.Error(err))
-		}
-		if pol.Sleep(ctx, attempt) != nil {
-			return false
-		}
+		return false
 	}
+	w.mu.Lock()
+	w.bl = st
+	w.mu.Unlock()
+	if st.Keys > 0 || st.Flush {
+		w.p.log.Info("memcached server has a backlog from before; it is applied once the server answers",
+			zap.String("server", w.addr), zap.Int64("keys", st.Keys), zap.Bool("flush", st.Flush))
+	}
+	return true
 }
 
 // record puts the parts' keys in the backlog (or, past the bound, marks

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -513,4 +514,41 @@ func counterValue(t *testing.T, c prometheus.Counter) float64 {
 		t.Fatalf("gather: %v", err)
 	}
 	return mfs[0].GetMetric()[0].GetCounter().GetValue()
+}
+
+// brokenBacklog is a memBacklog whose Load fails while broken is set.
+type brokenBacklog struct {
+	*memBacklog
+	broken atomic.Bool
+}
+
+func (b *brokenBacklog) Load(ctx context.Context, server string) (purge.BacklogState, error) {
+	if b.broken.Load() {
+		return purge.BacklogState{}, errors.New("backlog unavailable")
+	}
+	return b.memBacklog.Load(ctx, server)
+}
+
+// TestBacklogUnreadable: a backlog that cannot be read at start does not
+// stall purging; once it can be read, a down server's keys are recorded.
+func TestBacklogUnreadable(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	f := newFake(2)
+	bl := &brokenBacklog{memBacklog: newMemBacklog()}
+	bl.broken.Store(true)
+	p := newPurger(t, purge.Config{DC: "dc1", RetryMin: time.Millisecond, RetryMax: 5 * time.Millisecond, RecordAfter: 10 * time.Millisecond}, f, nil)
+	p.WithBacklog(bl)
+	run(t, ctx, p)
+	a := newAck()
+	handle(t, ctx, p, &bus.Batch{CommitLSN: 1, Keys: []string{"x", "s1:y"}}, a)
+	waitAck(t, ctx, a, "batch while the backlog is unreadable")
+	bl.broken.Store(false)
+	f.setDown(1, true)
+	b := newAck()
+	handle(t, ctx, p, &bus.Batch{CommitLSN: 2, Keys: []string{"s1:z"}}, b)
+	waitAck(t, ctx, b, "batch of a down server once the backlog is readable")
+	if got := bl.keys("srv1"); len(got) != 1 || got[0] != "s1:z" {
+		t.Errorf("backlog of srv1 %v; want [s1:z]", got)
+	}
 }

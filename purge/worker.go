@@ -132,15 +132,30 @@ func (w *worker) setDown(down bool) {
 func (w *worker) run(ctx context.Context) {
 	p := w.p
 	retry := backoff.Policy{Min: p.cfg.RetryMin, Max: p.cfg.RetryMax}
-	if p.backlog != nil && !w.load(ctx) {
-		return
-	}
-	down := w.bl.Keys > 0 || w.bl.Flush // recorded keys wait for a probe to replay them
-	w.setDown(down)
+	// Until the backlog has been read, keys are applied directly and a
+	// failing server's keys are retried, not recorded: a backlog that
+	// cannot be read never stalls the purge of live servers.
+	loaded := p.backlog == nil
+	var nextLoad time.Time
+	loads := 0
+	down := false
 	attempt := 0
 	var failingSince time.Time
 	var nextProbe time.Time
 	for ctx.Err() == nil {
+		if !loaded && !time.Now().Before(nextLoad) {
+			if w.load(ctx, loads) {
+				loaded = true
+				if w.bl.Keys > 0 || w.bl.Flush {
+					// Recorded keys wait for a probe to replay them.
+					down, nextProbe, attempt = true, time.Now(), 0
+					w.setDown(true)
+				}
+			} else {
+				nextLoad = time.Now().Add(loadRetry.Delay(loads))
+				loads++
+			}
+		}
 		if down {
 			if !w.runDown(ctx, &nextProbe, &attempt) {
 				continue
@@ -152,9 +167,19 @@ func (w *worker) run(ctx context.Context) {
 		}
 		parts := w.take(p.cfg.MaxChunk)
 		if len(parts) == 0 {
+			var retryLoad <-chan time.Time
+			var t *time.Timer
+			if !loaded {
+				t = time.NewTimer(time.Until(nextLoad))
+				retryLoad = t.C
+			}
 			select {
 			case <-w.wake:
+			case <-retryLoad:
 			case <-ctx.Done():
+			}
+			if t != nil {
+				t.Stop()
 			}
 			continue
 		}
@@ -173,7 +198,7 @@ func (w *worker) run(ctx context.Context) {
 		if failingSince.IsZero() {
 			failingSince = now
 		}
-		if p.backlog != nil && now.Sub(failingSince) >= p.cfg.RecordAfter {
+		if loaded && p.backlog != nil && now.Sub(failingSince) >= p.cfg.RecordAfter {
 			p.log.Warn("memcached server down: recording its keys until it returns", zap.String("server", w.addr),
 				zap.Duration("failing_for", now.Sub(failingSince)))
 			down = true

@@ -49,12 +49,10 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, js jets
 	}
 	// Keys of a memcached server that is down are recorded in this DC's
 	// JetStream (so their messages are acked and the other servers go on)
-	// and applied when it returns.
-	bc := purge.BacklogConfig{DC: d.cfg.DC}
-	if d.cfg.NATS.URL != "" {
-		bc.Placement = d.cfg.DC
-	}
-	backlog, err := purge.NewJetStreamBacklog(js, bc)
+	// and applied when it returns. With no placement the stream is created
+	// in the cluster of the NATS server the purger is connected to: its
+	// own DC's.
+	backlog, err := purge.NewJetStreamBacklog(js, purge.BacklogConfig{DC: d.cfg.DC})
 	if err != nil {
 		stopGate()
 		return fmt.Errorf("%w: %w", ErrConfig, err)
