@@ -32,7 +32,9 @@
 // order on a connection) and hands each to its caller. Requests, their
 // buffers and result channels are pooled. A request with the q flag is
 // followed by "mn" so that a suppressed response cannot desynchronise the
-// pipeline. Responses are parsed into [Response] by a parser that never
+// pipeline; the multi-key deletes send one chain per server instead,
+// "md <key> q O<i>" for each key and one "mn", so that memcached answers
+// only the deletes that fail (matched to their key by the opaque). Responses are parsed into [Response] by a parser that never
 // panics (fuzzed).
 //
 // # Keys
@@ -82,9 +84,14 @@
 //	func (p *Pool) Delete(ctx context.Context, key string) error                       // NF is success
 //	func (p *Pool) MarkStale(ctx context.Context, key string, ttl time.Duration) error // md <key> I T<ttl>
 //	func (p *Pool) MetaGetMulti(ctx context.Context, keys []string, flags ...string) ([]Response, []error) // pipelined
-//	func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error
+//	func (p *Pool) DeleteMulti(ctx context.Context, keys []string) []error // quiet chain per server
 //	func (p *Pool) MarkStaleMulti(ctx context.Context, keys []string, ttl time.Duration) []error
+//	func (p *Pool) DeleteMultiOn(ctx context.Context, server int, keys []string) []error // keys placed already
+//	func (p *Pool) MarkStaleMultiOn(ctx context.Context, server int, keys []string, ttl time.Duration) []error
 //	func (p *Pool) NoOp(ctx context.Context, server int) error
+//	func (p *Pool) FlushAll(ctx context.Context, server int) error // flush_all noreply, then mn
+//	func (p *Pool) Servers() int
+//	func (p *Pool) Addr(server int) string
 //	func (p *Pool) Stats() []ServerStats
 //	func (p *Pool) BreakerState(server int) BreakerState
 //	func (p *Pool) Close() error
