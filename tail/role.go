@@ -437,5 +437,21 @@ func (r *Role) register(reg prometheus.Registerer) {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_published_batches_total", Help: "Batches published since start."}, func() float64 { return float64(p.Stats().Batches) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_publish_retries_total", Help: "Batches published again after a failed or missing ack."}, func() float64 { return float64(p.Stats().Retries) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_wal_reconnects_total", Help: "Replication connections made again: after a lost connection, or a handler's retry."}, func() float64 { return float64(s.Stats().Reconnects) }),
+		uncoveredCollector{s: s, desc: prometheus.NewDesc("invalidator_uncovered_changes_total",
+			"Row changes of published tables that no rule or counter covers, dropped, per table.", []string{"table"}, nil)},
 	)
+}
+
+// uncoveredCollector exports the stream's uncovered changes per table.
+type uncoveredCollector struct {
+	s    *wal.Stream
+	desc *prometheus.Desc
+}
+
+func (c uncoveredCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c uncoveredCollector) Collect(ch chan<- prometheus.Metric) {
+	for t, n := range c.s.Stats().Uncovered {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(n), t)
+	}
 }

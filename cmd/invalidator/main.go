@@ -134,7 +134,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		log.Info("stopped")
 		return exitOK
 	case errors.Is(err, errSlotGone):
-		_ = notify.Status("replication slot gone: caches may be stale; operator action needed (RUNBOOK: recovering from a dropped slot)")
+		_ = notify.Status("replication slot gone: caches may be stale; operator action needed (RUNBOOK: slot lost)")
 		log.Error("replication slot is gone; caches may be stale", zap.Error(err))
 		return exitSlotGone
 	case errors.Is(err, ErrConfig):
