@@ -50,8 +50,12 @@ type Batch struct {
 	// Flush announces that every datacenter must flush its whole pool,
 	// once (the slot was lost: the changes in between cannot be decoded).
 	// Such a batch has no keys; CommitLSN is where the new slot starts.
-	Flush bool     `json:"flush,omitempty"`
-	Keys  []string `json:"keys"`
+	Flush bool `json:"flush,omitempty"`
+	// Timeline is the primary's timeline the batch was published on,
+	// when known: a replica must follow it (or a later one) before the
+	// batch passes its gate. 0: unknown.
+	Timeline uint32   `json:"timeline,omitempty"`
+	Keys     []string `json:"keys"`
 }
 
 // Encode returns the wire form of b. '<', '>' and '&' are not escaped,

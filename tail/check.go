@@ -110,3 +110,42 @@ func NeedOld(table string, rules *keys.Set, ctrs *counters.Set) []string {
 	}
 	return need
 }
+
+// CheckFailover reports what a primary failover would do to the slot, and
+// what is missing for it to survive one: on PostgreSQL 17 and later a
+// failover slot synchronized to the standbys; before 17 nothing can keep
+// it, and on_slot_loss decides. The report holds warnings, not problems:
+// the daemon runs either way.
+func CheckFailover(ctx context.Context, dsn, slot, onSlotLoss string) (string, error) {
+	f, err := wal.CheckFailover(ctx, dsn, slot)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	if f.Version < 170000 {
+		fmt.Fprintf(&b, "failover: PostgreSQL %d.%d has no failover slots: after a promotion the slot is lost", f.Version/10000, f.Version%10000/100)
+		if onSlotLoss == SlotLossFlush {
+			fmt.Fprintf(&b, "; on_slot_loss: flush flushes every datacenter's pool once and streams from a new slot\n")
+		} else {
+			fmt.Fprintf(&b, "; on_slot_loss: exit stops the tail with status 3 (set on_slot_loss: flush to recover by itself)\n")
+		}
+		return b.String(), nil
+	}
+	if f.SlotFailover {
+		fmt.Fprintf(&b, "failover: slot %s is a failover slot\n", slot)
+	} else {
+		fmt.Fprintf(&b, "failover: MISSING: slot %s is not a failover slot (the tail makes it one when it next sets up; or on a replication connection: ALTER_REPLICATION_SLOT %s (FAILOVER true))\n", slot, slot)
+	}
+	if f.SynchronizedStandbySlots == "" {
+		fix := "'<the physical slots of the standbys you may promote>'"
+		if len(f.Standbys) > 0 {
+			fix = "'" + strings.Join(f.Standbys, ",") + "'"
+		}
+		fmt.Fprintf(&b, "failover: MISSING: synchronized_standby_slots is empty on the primary, so a promoted standby's slot may be behind what was published; run: ALTER SYSTEM SET synchronized_standby_slots = %s; SELECT pg_reload_conf();\n", fix)
+	} else {
+		fmt.Fprintf(&b, "failover: synchronized_standby_slots = %s\n", f.SynchronizedStandbySlots)
+	}
+	fmt.Fprintf(&b, "failover: on each standby you may promote: sync_replication_slots = on, hot_standby_feedback = on, primary_slot_name set, dbname in primary_conninfo; "+
+		"list every server in postgres.dsn with target_session_attrs=read-write\n")
+	return b.String(), nil
+}

@@ -102,6 +102,7 @@ type Role struct {
 
 	system   wal.System // the primary, identified at setup
 	slotLost prometheus.Counter
+	repurged prometheus.Counter
 	stateMu  sync.Mutex    // guards state
 	state    bus.TailState // the pipeline's state, saved in JetStream
 
@@ -137,6 +138,8 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	// relation messages.
 	var kh *Handler
 	cfg.WAL.OnRelation = func(rel wal.Relation) { kh.Relation(rel) }
+	var role *Role
+	cfg.WAL.OnTimeline = func(ctx context.Context, sw wal.TimelineSwitch) error { return role.onTimeline(ctx, sw) }
 	var store *counterstore.Store
 	if cfg.counting() {
 		var err error
@@ -158,10 +161,13 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	}
 	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub, store: store,
 		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
+	role = r
 	r.slotLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_slot_losses_total",
 		Help: "Times this process found its replication slot lost (missing after it ran before, or invalidated)."})
+	r.repurged = prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_timeline_repurged_keys_total",
+		Help: "Keys published again after a promotion because they were published past the old timeline's end (possible phantoms)."})
 	if reg != nil {
-		reg.MustRegister(r.slotLost)
+		reg.MustRegister(r.slotLost, r.repurged)
 	}
 	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
 	r.keys.id.need = func(t string) []string { return NeedOld(t, r.keys.rules, cfg.Counters) }
@@ -297,6 +303,20 @@ func (r *Role) setup(ctx context.Context) error {
 	}
 	if lost {
 		return r.recover(sctx)
+	}
+	// A promotion while no tail ran: purge again what was published past
+	// the old timeline's end.
+	r.stateMu.Lock()
+	prev := r.state
+	r.stateMu.Unlock()
+	if prev.SystemID == r.system.ID && prev.Timeline != 0 && prev.Timeline < r.system.Timeline {
+		end, err := r.stream.TimelineEnd(sctx, prev.Timeline, r.system.Timeline)
+		if err != nil {
+			return err
+		}
+		if err := r.onTimeline(sctx, wal.TimelineSwitch{From: prev.Timeline, To: r.system.Timeline, SwitchLSN: end}); err != nil {
+			return err
+		}
 	}
 	return r.saveState(sctx)
 }

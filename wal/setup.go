@@ -202,9 +202,23 @@ func (s *Stream) setupSlot(ctx context.Context, conn *pgx.Conn) error {
 		if walStatus == "lost" {
 			return slotGone(s.cfg.Slot, "was invalidated (wal_status lost: the WAL it needs was removed)")
 		}
-		return nil
+		return s.ensureFailover(ctx, conn)
 	case !errors.Is(err, pgx.ErrNoRows):
 		return fmt.Errorf("wal: look up slot %q: %w", s.cfg.Slot, err)
+	}
+	if s.failoverSlots(ctx, conn) {
+		// pg_create_logical_replication_slot(name, plugin, temporary,
+		// two_phase, failover)
+		_, err := conn.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)`, s.cfg.Slot)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42710" {
+			return nil // created meanwhile by another process
+		}
+		if err != nil {
+			return fmt.Errorf("wal: create failover slot %q: %w", s.cfg.Slot, err)
+		}
+		s.log.Info("created replication slot (failover: standbys with sync_replication_slots keep a copy)", zap.String("slot", s.cfg.Slot))
+		return nil
 	}
 	repl, err := s.connectRepl(ctx)
 	if err != nil {
@@ -575,4 +589,84 @@ func (s *Stream) DropSlot(ctx context.Context) error {
 		return fmt.Errorf("wal: drop slot %q: %w", s.cfg.Slot, err)
 	}
 	return nil
+}
+
+// failoverSlots reports whether the slot should be a failover slot: the
+// config asks for it and the server is PostgreSQL 17 or later.
+func (s *Stream) failoverSlots(ctx context.Context, conn *pgx.Conn) bool {
+	if !s.cfg.Failover {
+		return false
+	}
+	var v int
+	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&v); err != nil {
+		return false
+	}
+	return v >= 170000
+}
+
+// ensureFailover makes an existing slot a failover slot when it should be
+// one (ALTER_REPLICATION_SLOT, on a replication connection).
+func (s *Stream) ensureFailover(ctx context.Context, conn *pgx.Conn) error {
+	if !s.failoverSlots(ctx, conn) {
+		return nil
+	}
+	var failover, active bool
+	if err := conn.QueryRow(ctx, `SELECT failover, active FROM pg_replication_slots WHERE slot_name = $1`, s.cfg.Slot).Scan(&failover, &active); err != nil {
+		return fmt.Errorf("wal: look up slot %q: %w", s.cfg.Slot, err)
+	}
+	if failover || active { // an active slot is another process's to alter
+		return nil
+	}
+	repl, err := s.connectRepl(ctx)
+	if err != nil {
+		return err
+	}
+	defer repl.Close(context.Background())
+	if _, err := repl.Exec(ctx, "ALTER_REPLICATION_SLOT "+s.cfg.Slot+" (FAILOVER true)").ReadAll(); err != nil {
+		s.log.Warn("could not make the slot a failover slot; after a promotion it will be lost", zap.String("slot", s.cfg.Slot), zap.Error(err))
+		return nil
+	}
+	s.log.Info("the slot is now a failover slot", zap.String("slot", s.cfg.Slot))
+	return nil
+}
+
+// FailoverSettings are what a failover slot needs on the primary
+// (PostgreSQL 17 and later).
+type FailoverSettings struct {
+	Version int // server_version_num
+	// SlotFailover: the slot exists and is a failover slot.
+	SlotFailover bool
+	// SynchronizedStandbySlots is the primary's synchronized_standby_slots.
+	SynchronizedStandbySlots string
+	// Standbys are the physical slots of connected standbys.
+	Standbys []string
+}
+
+// CheckFailover reads what a failover needs from the primary, for
+// `invalidator check`.
+func CheckFailover(ctx context.Context, dsn, slot string) (FailoverSettings, error) {
+	ctx, cancel := withTimeout(ctx, queryTimeout)
+	defer cancel()
+	conn, err := connect(ctx, dsn)
+	if err != nil {
+		return FailoverSettings{}, err
+	}
+	defer conn.Close(context.Background())
+	var f FailoverSettings
+	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&f.Version); err != nil {
+		return f, fmt.Errorf("wal: server version: %w", err)
+	}
+	if f.Version < 170000 {
+		return f, nil
+	}
+	if err := conn.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots'),
+		coalesce((SELECT failover FROM pg_replication_slots WHERE slot_name = $1), false)`, slot).Scan(&f.SynchronizedStandbySlots, &f.SlotFailover); err != nil {
+		return f, fmt.Errorf("wal: failover settings: %w", err)
+	}
+	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY 1`)
+	if err != nil {
+		return f, fmt.Errorf("wal: standby slots: %w", err)
+	}
+	f.Standbys, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	return f, err
 }

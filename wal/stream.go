@@ -145,6 +145,7 @@ type Stats struct {
 
 	Txs             uint64 // transactions delivered (Commit calls that returned nil)
 	Unacked         int    // transactions delivered whose Ack is not done yet
+	Timeline        uint32 // the primary's timeline at the last session (0 before the first)
 	Changes         uint64 // row changes delivered
 	Messages        uint64 // logical messages delivered
 	IgnoredMessages uint64 // logical messages whose prefix is not configured
@@ -165,6 +166,7 @@ type Stream struct {
 	stopOnce  sync.Once
 	stopc     chan struct{} // closed by Drain: Run stops reading
 	acks      *ackTracker
+	timeline  atomic.Uint32 // the primary's timeline at the last session; 0 before the first
 	confirmed atomic.Uint64 // pglogrepl.LSN; only grows
 	received  atomic.Uint64
 	walEnd    atomic.Uint64
@@ -233,6 +235,7 @@ func (s *Stream) Stats() Stats {
 		DecodeErrors:    s.cnt.decodeErrors.Load(),
 		Reconnects:      s.reconnect.Load(),
 		Unacked:         s.acks.pending(),
+		Timeline:        s.timeline.Load(),
 	}
 	if st.ServerWALEnd > st.ConfirmedLSN {
 		st.LagBytes = uint64(st.ServerWALEnd - st.ConfirmedLSN)
@@ -428,6 +431,9 @@ func (s *Stream) session(ctx context.Context, h Handler) (started bool, lsn pglo
 		_ = conn.Close(cctx)
 	}()
 
+	if err := s.checkTimeline(cctx, conn); err != nil {
+		return false, 0, err
+	}
 	if err := s.checkSlot(cctx, conn); err != nil {
 		return false, 0, err
 	}

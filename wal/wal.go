@@ -37,6 +37,7 @@
 package wal
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"regexp"
@@ -141,6 +142,17 @@ type Config struct {
 	// describes for a configured table (its replica identity included),
 	// from Run's goroutine: it must not block.
 	OnRelation func(Relation)
+	// OnTimeline, when set, is called from Run's goroutine when a new
+	// session finds the primary on another timeline than the last one (a
+	// replica was promoted), before any change of the new session is
+	// delivered. An error wrapping ErrRetry makes Run try again later;
+	// another stops Run.
+	OnTimeline func(context.Context, TimelineSwitch) error
+	// Failover creates the slot as a failover slot (PostgreSQL 17 and
+	// later; ignored before), and makes an existing slot one, so that
+	// standbys with sync_replication_slots keep a copy that survives
+	// their promotion. DefaultConfig sets it.
+	Failover bool
 	// StandbyRetry is how often a hot standby tries to take the slot
 	// while another process holds it. Zero means 1s: one refused
 	// START_REPLICATION a second costs the primary little and bounds the
@@ -169,6 +181,7 @@ func DefaultConfig() Config {
 		ReconnectMin:    DefaultReconnectMin,
 		ReconnectMax:    DefaultReconnectMax,
 		StandbyRetry:    DefaultStandbyRetry,
+		Failover:        true,
 	}
 }
 

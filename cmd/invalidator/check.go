@@ -25,6 +25,13 @@ func Check(ctx context.Context, cfg *config.Config, rules *keys.Set, w io.Writer
 		return err
 	}
 	fmt.Fprint(w, report)
+	if cfg.Tail {
+		fo, err := tail.CheckFailover(ctx, cfg.Postgres.DSN, cfg.Postgres.Slot, cfg.OnSlotLoss)
+		if err != nil {
+			return err
+		}
+		fmt.Fprint(w, fo)
+	}
 	if len(problems) > 0 {
 		return fmt.Errorf("%w:\n  %s", ErrCheck, strings.Join(problems, "\n  "))
 	}
