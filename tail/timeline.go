@@ -99,4 +99,3 @@ func (r *Role) repurge(ctx context.Context, switchLSN uint64, timeline uint32) (
 	}
 	return len(seen), nil
 }
-
