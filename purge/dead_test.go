@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"sync"
 	"testing"
 	"time"
 
@@ -288,5 +289,108 @@ func TestJetStreamBacklog(t *testing.T) {
 	}
 	if st, _ := b2.Load(ctx, "other:1"); st.Keys != 1 {
 		t.Errorf("another server's backlog after the trim: %+v; want its 1 key", st)
+	}
+}
+
+// lagGate is a gate whose replica lags until set moves it: Wait gives up
+// at once, WaitReplay waits for the position.
+type lagGate struct {
+	mu       sync.Mutex
+	replayed uint64
+	moved    chan struct{}
+}
+
+func newLagGate() *lagGate { return &lagGate{moved: make(chan struct{})} }
+
+func (g *lagGate) Wait(context.Context, uint64, uint64) error { return purge.ErrGateTimeout }
+
+func (g *lagGate) WaitReplay(ctx context.Context, commit, end uint64) error {
+	need := commit + 1
+	if end > commit {
+		need = end
+	}
+	for {
+		g.mu.Lock()
+		ok, ch := g.replayed >= need, g.moved
+		g.mu.Unlock()
+		if ok {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+func (g *lagGate) set(lsn uint64) {
+	g.mu.Lock()
+	g.replayed = lsn
+	close(g.moved)
+	g.moved = make(chan struct{})
+	g.mu.Unlock()
+}
+
+// TestRePurgeSurvivesRestart: a batch purged early (gate timed out) is
+// recorded for its second purge before it is acked; a purger restarted
+// while the replica still lags finds it and purges it again once the
+// replica replays the commit, then trims the record.
+func TestRePurgeSurvivesRestart(t *testing.T) {
+	env := testenv.New(t, testenv.Options{NoPostgres: true, MemcachedPerDC: -1})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	nc, err := nats.Connect(env.DCs[0].NATS.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newBacklog := func() *purge.JetStreamBacklog {
+		b, err := purge.NewJetStreamBacklog(js, purge.BacklogConfig{DC: "dc1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	f := newFake(2)
+	gate := newLagGate()
+	m := purge.NewMetrics(nil, "dc1")
+	p, err := purge.New(purge.Config{DC: "dc1"}, f, gate, m, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.WithBacklog(newBacklog())
+	run(t, ctx, p)
+	a := newAck()
+	handle(t, ctx, p, &bus.Batch{CommitLSN: 100, EndLSN: 120, Keys: []string{"k1", "s1:k2"}}, a)
+	waitAck(t, ctx, a, "batch past the gate")
+	if f.count("k1") != 1 || f.count("s1:k2") != 1 {
+		t.Fatalf("early purge applied k1 %d and s1:k2 %d times; want 1 each", f.count("k1"), f.count("s1:k2"))
+	}
+	p.Close()
+
+	m2 := purge.NewMetrics(nil, "dc1")
+	p2, err := purge.New(purge.Config{DC: "dc1"}, f, gate, m2, zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2.WithBacklog(newBacklog())
+	run(t, ctx, p2)
+	gate.set(119)
+	gate.set(120)
+	eventually(t, ctx, "second purge after the restart", func() bool { return f.count("k1") == 2 && f.count("s1:k2") == 2 })
+	eventually(t, ctx, "the record trimmed", func() bool {
+		n := 0
+		if err := newBacklog().LoadRePurge(ctx, func(uint64, uint64, uint64, []string) { n++ }); err != nil {
+			t.Fatal(err)
+		}
+		return n == 0
+	})
+	if got := counterValue(t, m2.RePurged); got != 2 {
+		t.Errorf("re-purged %v keys; want 2", got)
 	}
 }

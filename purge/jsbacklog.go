@@ -18,7 +18,13 @@ const (
 	hdrTotalKeys  = "Pgcache-Backlog-Keys"  // keys recorded up to and with this record
 	hdrTotalBytes = "Pgcache-Backlog-Bytes" // their bytes
 	hdrFlush      = "Pgcache-Backlog-Flush" // "1": the server is to be flushed
+	hdrCommitLSN  = "Pgcache-Commit-Lsn"    // second-purge record: the batch's commit LSN
+	hdrEndLSN     = "Pgcache-End-Lsn"       // and its end LSN
 )
+
+// rePurgeToken is the subject token of the second-purge records (no
+// server address maps to it: token keeps no leading '.').
+const rePurgeToken = "_repurge"
 
 // maxRecord bounds the bytes of keys in one backlog record, well under
 // NATS's default 1 MB max payload.
@@ -261,5 +267,68 @@ func (b *JetStreamBacklog) Trim(ctx context.Context, server string, upTo uint64)
 		return fmt.Errorf("trim backlog of %s: %w", server, err)
 	}
 	b.setTotals(server, BacklogState{})
+	return nil
+}
+
+func (b *JetStreamBacklog) rePurgeSubject() string {
+	return "pgcache.backlog." + token(b.cfg.DC) + "." + rePurgeToken
+}
+
+// AppendRePurge implements RePurgeLog: one record per batch. Its keys
+// came in one stream message, so they fit in one record.
+func (b *JetStreamBacklog) AppendRePurge(ctx context.Context, commitLSN, endLSN uint64, keys []string) (uint64, error) {
+	if _, err := b.ensure(ctx); err != nil {
+		return 0, err
+	}
+	m := nats.NewMsg(b.rePurgeSubject())
+	m.Data = []byte(strings.Join(keys, "\n"))
+	m.Header.Set(hdrCommitLSN, strconv.FormatUint(commitLSN, 10))
+	m.Header.Set(hdrEndLSN, strconv.FormatUint(endLSN, 10))
+	ack, err := b.js.PublishMsg(ctx, m)
+	if err != nil {
+		return 0, fmt.Errorf("record keys for a second purge: %w", err)
+	}
+	return ack.Sequence, nil
+}
+
+// LoadRePurge implements RePurgeLog.
+func (b *JetStreamBacklog) LoadRePurge(ctx context.Context, fn func(pos, commitLSN, endLSN uint64, keys []string)) error {
+	stream, err := b.ensure(ctx)
+	if err != nil {
+		return err
+	}
+	subj := b.rePurgeSubject()
+	for seq := uint64(1); ; {
+		m, err := stream.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(subj))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read second-purge records at %d: %w", seq, err)
+		}
+		commit, _ := strconv.ParseUint(m.Header.Get(hdrCommitLSN), 10, 64)
+		end, _ := strconv.ParseUint(m.Header.Get(hdrEndLSN), 10, 64)
+		var keys []string
+		if len(m.Data) > 0 {
+			for _, k := range bytes.Split(m.Data, []byte{'\n'}) {
+				keys = append(keys, string(k))
+			}
+		}
+		if commit != 0 && len(keys) > 0 {
+			fn(m.Sequence, commit, end, keys)
+		}
+		seq = m.Sequence + 1
+	}
+}
+
+// TrimRePurge implements RePurgeLog.
+func (b *JetStreamBacklog) TrimRePurge(ctx context.Context, pos uint64) error {
+	stream, err := b.ensure(ctx)
+	if err != nil {
+		return err
+	}
+	if err := stream.Purge(ctx, jetstream.WithPurgeSubject(b.rePurgeSubject()), jetstream.WithPurgeSequence(pos+1)); err != nil {
+		return fmt.Errorf("trim second-purge records: %w", err)
+	}
 	return nil
 }

@@ -409,7 +409,7 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 			p.m.GateTimeout.Inc()
 			p.log.Debug("purging without the replica's replay (gate timed out)", zap.Uint64("commit_lsn", b.CommitLSN), zap.Error(err))
 			if p.again != nil {
-				p.again.add(b.CommitLSN, b.EndLSN, keys)
+				p.again.add(ctx, b.CommitLSN, b.EndLSN, keys)
 			}
 		case err != nil:
 			return // ctx ended: not acked, delivered again
