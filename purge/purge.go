@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/mckey"
@@ -87,6 +88,10 @@ type Config struct {
 	// MaxBatches is the number of batches being applied at once; beyond it
 	// Handle blocks (and so stops reading the stream). 0 means 1024.
 	MaxBatches int
+	// MaxBytes bounds the memory of the batches being applied at once,
+	// counted as their keys' bytes plus 32 per key; beyond it Handle
+	// blocks. A batch larger than MaxBytes is taken alone. 0 means 64 MiB.
+	MaxBytes int64
 	// MaxChunk is the most keys one server's worker sends in one
 	// pipelined chain. 0 means 4096.
 	MaxChunk int
@@ -118,7 +123,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxChunk: 4096,
+	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxBytes: 64 << 20, MaxChunk: 4096,
 		Timeout: time.Second, RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
 		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20, MaxRePurgeBytes: 16 << 20}
 }
@@ -130,8 +135,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("%w: dc is empty", ErrConfig)
 	case c.Mode != ModeDelete && c.Mode != ModeStale:
 		return fmt.Errorf("%w: mode %q: want %q or %q", ErrConfig, c.Mode, ModeDelete, ModeStale)
-	case c.MaxBatches < 1 || c.MaxChunk < 1:
-		return fmt.Errorf("%w: max batches (%d) and max chunk (%d) must be positive", ErrConfig, c.MaxBatches, c.MaxChunk)
+	case c.MaxBatches < 1 || c.MaxChunk < 1 || c.MaxBytes < 1:
+		return fmt.Errorf("%w: max batches (%d), max bytes (%d) and max chunk (%d) must be positive", ErrConfig, c.MaxBatches, c.MaxBytes, c.MaxChunk)
 	case c.RetryMin <= 0 || c.RetryMax < c.RetryMin:
 		return fmt.Errorf("%w: retry min (%s) must be positive and not above retry max (%s)", ErrConfig, c.RetryMin, c.RetryMax)
 	case c.StaleTTL < time.Second:
@@ -159,6 +164,9 @@ func (c *Config) defaults() {
 	}
 	if c.MaxChunk == 0 {
 		c.MaxChunk = d.MaxChunk
+	}
+	if c.MaxBytes == 0 {
+		c.MaxBytes = d.MaxBytes
 	}
 	if c.MaxBacklogBytes == 0 {
 		c.MaxBacklogBytes = d.MaxBacklogBytes
@@ -193,8 +201,9 @@ type Purger struct {
 	backlog Backlog
 
 	workers []*worker
-	batches chan struct{} // semaphore: batches in progress
-	again   *rePurge      // nil: the gate cannot wait with no limit
+	batches chan struct{}       // semaphore: batches in progress
+	mem     *semaphore.Weighted // bytes of the batches in progress
+	again   *rePurge            // nil: the gate cannot wait with no limit
 
 	mu       sync.Mutex // guards draining, closed, and wg.Add against Close's wg.Wait
 	draining bool
@@ -229,7 +238,7 @@ func New(cfg Config, del Deleter, gate Waiter, m *Metrics, log *zap.Logger) (*Pu
 		log = zap.NewNop()
 	}
 	p := &Purger{cfg: cfg, del: del, gate: gate, log: log, m: m,
-		batches: make(chan struct{}, cfg.MaxBatches),
+		batches: make(chan struct{}, cfg.MaxBatches), mem: semaphore.NewWeighted(cfg.MaxBytes),
 		closing: make(chan struct{}), drained: make(chan struct{}),
 		stopped: make(chan struct{})}
 	for i := 0; i < del.Servers(); i++ {
@@ -310,9 +319,16 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 		p.inflight.Done()
 		return ErrClosed
 	}
+	size := batchBytes(b, p.cfg.MaxBytes)
+	if err := p.acquire(ctx, size); err != nil {
+		<-p.batches
+		p.inflight.Done()
+		return err
+	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
+		p.mem.Release(size)
 		<-p.batches
 		p.inflight.Done()
 		return ErrClosed
@@ -323,8 +339,44 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 		defer p.wg.Done()
 		defer p.inflight.Done()
 		defer func() { <-p.batches }()
+		defer p.mem.Release(size)
 		p.apply(ctx, b, d)
 	}()
+	return nil
+}
+
+// batchBytes is what a batch counts against MaxBytes (at most max).
+func batchBytes(b *bus.Batch, max int64) int64 {
+	n := int64(64)
+	for _, k := range b.Keys {
+		n += int64(len(k)) + 32
+	}
+	return min(n, max)
+}
+
+// acquire takes n bytes of MaxBytes, waiting while ctx lasts and the
+// purger is open.
+func (p *Purger) acquire(ctx context.Context, n int64) error {
+	if p.mem.TryAcquire(n) {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-p.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	if err := p.mem.Acquire(ctx, n); err != nil {
+		select {
+		case <-p.closing:
+			return ErrClosed
+		default:
+		}
+		return err
+	}
 	return nil
 }
 

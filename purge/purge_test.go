@@ -552,3 +552,27 @@ func TestBacklogUnreadable(t *testing.T) {
 		t.Errorf("backlog of srv1 %v; want [s1:z]", got)
 	}
 }
+
+// TestMaxBytes: batches beyond MaxBytes wait in Handle until earlier
+// ones finish; a batch larger than MaxBytes still goes, alone.
+func TestMaxBytes(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	f := newFake(1)
+	f.setDown(0, true)
+	p := newPurger(t, purge.Config{DC: "dc1", MaxBytes: 400, RetryMin: time.Millisecond, RetryMax: 2 * time.Millisecond}, f, nil)
+	run(t, ctx, p)
+	// 64 + 4*(1+32) = 196 bytes each: two fit, the third waits.
+	for i := 0; i < 2; i++ {
+		handle(t, ctx, p, &bus.Batch{CommitLSN: uint64(i + 1), Keys: []string{"a", "b", "c", "d"}}, newAck())
+	}
+	hctx, hcancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer hcancel()
+	if err := p.Handle(hctx, &bus.Batch{CommitLSN: 3, Keys: []string{"e", "f", "g", "h"}}, newAck()); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("third batch past MaxBytes: got %v; want it to wait (its ctx's deadline)", err)
+	}
+	f.setDown(0, false)
+	big := newAck()
+	handle(t, ctx, p, &bus.Batch{CommitLSN: 4, Keys: []string{strings.Repeat("x", 200), strings.Repeat("y", 200)}}, big)
+	waitAck(t, ctx, big, "a batch larger than MaxBytes")
+}
