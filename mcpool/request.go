@@ -102,8 +102,8 @@ func checkKey(key string) error {
 	return nil
 }
 
-// printable reports whether key has no space or control byte, the meta
-// protocol's rule for a key sent as written.
+// printable reports whether a token has no space or control byte, the
+// meta protocol's rule for a key sent as written (a caller's base64 key).
 func printable(key string) bool {
 	for i := 0; i < len(key); i++ {
 		if c := key[i]; c <= ' ' || c == 0x7f {
@@ -124,7 +124,7 @@ func base64Len(n int) int { return (n + 2) / 3 * 4 }
 // as it does in the text protocol. Either way memcached stores the same
 // item a text-protocol client names with these bytes.
 func appendKey(b []byte, key string) ([]byte, bool) {
-	if printable(key) || base64Len(len(key)) > MaxKeyLen {
+	if !mckey.NeedsBase64(key) || base64Len(len(key)) > MaxKeyLen {
 		return append(b, key...), false
 	}
 	const enc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
