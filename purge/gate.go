@@ -133,12 +133,18 @@ func (g *Gate) wait(ctx context.Context, need uint64, limited bool) error {
 		case <-gaveUp:
 		case <-expired:
 			g.mu.Lock()
-			if !g.lagging {
+			first := !g.lagging
+			if first {
 				g.lagging, g.lagTarget = true, need
 				close(g.gaveUp)
 				g.gaveUp = make(chan struct{})
 			}
+			replayed := g.replayed
 			g.mu.Unlock()
+			if first {
+				g.log.Warn("the replica did not replay a commit within max_wait: purging ahead of it until it reaches that commit (each such batch is purged again once the replica replays it)",
+					zap.String("want", formatLSN(need)), zap.String("replayed", formatLSN(replayed)), zap.Duration("max_wait", g.cfg.MaxWait))
+			}
 			return fmt.Errorf("%w: want %X, replayed %X after %s", ErrGateTimeout, need, g.Replayed(), g.cfg.MaxWait)
 		case <-ctx.Done():
 			return ctx.Err()
