@@ -568,16 +568,34 @@ func (p *Purger) queue(keys []string, t *tracker) {
 		p.workers[0].enqueue(&part{t: t, keys: keys, since: time.Now()})
 		return
 	}
-	byServer := make([][]string, len(p.workers))
+	// Place each key once, then lay the keys out server by server in one
+	// array.
+	var small [64]int32
+	picks := small[:0]
+	if len(keys) > len(small) {
+		picks = make([]int32, 0, len(keys))
+	}
+	counts := make([]int, len(p.workers)+1)
 	for _, k := range keys {
 		i := p.del.Pick(k)
-		byServer[i] = append(byServer[i], k)
+		picks = append(picks, int32(i))
+		counts[i+1]++
+	}
+	for i := 1; i < len(counts); i++ {
+		counts[i] += counts[i-1] // counts[i]: where server i's keys start
+	}
+	laid := make([]string, len(keys))
+	next := append([]int(nil), counts[:len(p.workers)]...)
+	for j, k := range keys {
+		i := picks[j]
+		laid[next[i]] = k
+		next[i]++
 	}
 	now := time.Now()
-	var parts []*part
-	for i, ks := range byServer {
-		if len(ks) > 0 {
-			parts = append(parts, &part{t: t, keys: ks, since: now, server: i})
+	parts := make([]*part, 0, len(p.workers))
+	for i := range p.workers {
+		if ks := laid[counts[i]:counts[i+1]]; len(ks) > 0 {
+			parts = append(parts, &part{t: t, keys: ks[:len(ks):len(ks)], since: now, server: i})
 		}
 	}
 	if t != nil {
