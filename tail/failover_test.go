@@ -7,9 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/keys"
 	"github.com/pgcache/pgcache/testenv"
@@ -77,16 +74,7 @@ func TestRoleFailover(t *testing.T) {
 }
 
 func testFailover(t *testing.T, version int) {
-	env := testenv.New(t, testenv.Options{PGVersion: version, MemcachedPerDC: -1})
-	nc, err := nats.Connect(env.DC("dc1").NATS.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	env, js := newEnvWith(t, testenv.Options{PGVersion: version, MemcachedPerDC: -1})
 	h := &harness{t: t, env: env, js: js, name: fmt.Sprintf("fo%d", version)}
 	h.exec(`CREATE TABLE fo_posts (id int PRIMARY KEY)`)
 	cfg, rules := h.config([]keys.Rule{{Table: "public.fo_posts", Keys: []string{"post:{id}"}}}, nil)

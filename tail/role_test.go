@@ -38,7 +38,12 @@ type harness struct {
 }
 
 func newEnv(t *testing.T) (*testenv.Env, jetstream.JetStream) {
-	env := testenv.New(t, testenv.Options{NoReplicas: true, MemcachedPerDC: -1})
+	return newEnvWith(t, testenv.Options{NoReplicas: true, MemcachedPerDC: -1})
+}
+
+// newEnvWith starts an environment and connects to dc1's JetStream.
+func newEnvWith(t *testing.T, opts testenv.Options) (*testenv.Env, jetstream.JetStream) {
+	env := testenv.New(t, opts)
 	nc, err := nats.Connect(env.DC("dc1").NATS.URL())
 	if err != nil {
 		t.Fatal(err)

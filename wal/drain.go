@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/pgcache/pgcache/backoff"
 	"go.uber.org/zap"
 )
@@ -64,19 +65,14 @@ func (s *Stream) finalConfirm(ctx context.Context) {
 }
 
 func (s *Stream) advanceSlot(ctx context.Context, lsn pglogrepl.LSN) error {
-	cctx, cancel := withTimeout(ctx, queryTimeout)
-	defer cancel()
-	conn, err := connect(cctx, s.cfg.DSN)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	_, err = conn.Exec(cctx, `SELECT pg_replication_slot_advance($1, $2::pg_lsn)
-		FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn`, s.cfg.Slot, lsn.String())
-	if err != nil {
-		return fmt.Errorf("wal: advance slot: %w", err)
-	}
-	return nil
+	return withConn(ctx, s.cfg.DSN, func(ctx context.Context, conn *pgx.Conn) error {
+		_, err := conn.Exec(ctx, `SELECT pg_replication_slot_advance($1, $2::pg_lsn)
+			FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn < $2::pg_lsn`, s.cfg.Slot, lsn.String())
+		if err != nil {
+			return fmt.Errorf("wal: advance slot: %w", err)
+		}
+		return nil
+	})
 }
 
 // waitRun waits until no Run is active: Run holds runMu while it runs.

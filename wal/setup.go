@@ -36,6 +36,19 @@ func connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	return conn, nil
 }
 
+// withConn runs fn on a regular connection to dsn, with queryTimeout when
+// ctx has no deadline, and closes it.
+func withConn(ctx context.Context, dsn string, fn func(context.Context, *pgx.Conn) error) error {
+	ctx, cancel := withTimeout(ctx, queryTimeout)
+	defer cancel()
+	conn, err := connect(ctx, dsn)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	return fn(ctx, conn)
+}
+
 // Setup creates what Run needs when it is missing:
 //
 //   - the publication, for exactly Config.Tables (CREATE PUBLICATION ...
@@ -315,15 +328,12 @@ func quoteIdent(s string) string {
 // Inspect reads the columns and replica identity of tables ("schema.table")
 // with a regular, read-only connection. A table that does not exist is
 // returned with Exists false.
-func Inspect(ctx context.Context, dsn string, tables []string) ([]TableInfo, error) {
-	ctx, cancel := withTimeout(ctx, queryTimeout)
-	defer cancel()
-	conn, err := connect(ctx, dsn)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close(context.Background())
-	return inspect(ctx, conn, tables)
+func Inspect(ctx context.Context, dsn string, tables []string) (out []TableInfo, err error) {
+	err = withConn(ctx, dsn, func(ctx context.Context, conn *pgx.Conn) error {
+		out, err = inspect(ctx, conn, tables)
+		return err
+	})
+	return out, err
 }
 
 func inspect(ctx context.Context, conn *pgx.Conn, tables []string) ([]TableInfo, error) {
@@ -578,17 +588,12 @@ func (s *Stream) IdentifySystem(ctx context.Context) (System, error) {
 // DropSlot drops s's slot if it exists and no process streams from it:
 // after it was invalidated, so that Setup creates it anew.
 func (s *Stream) DropSlot(ctx context.Context) error {
-	ctx, cancel := withTimeout(ctx, queryTimeout)
-	defer cancel()
-	conn, err := connect(ctx, s.cfg.DSN)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, s.cfg.Slot); err != nil {
-		return fmt.Errorf("wal: drop slot %q: %w", s.cfg.Slot, err)
-	}
-	return nil
+	return withConn(ctx, s.cfg.DSN, func(ctx context.Context, conn *pgx.Conn) error {
+		if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, s.cfg.Slot); err != nil {
+			return fmt.Errorf("wal: drop slot %q: %w", s.cfg.Slot, err)
+		}
+		return nil
+	})
 }
 
 // failoverSlots reports whether the slot should be a failover slot: the
@@ -644,29 +649,24 @@ type FailoverSettings struct {
 
 // CheckFailover reads what a failover needs from the primary, for
 // `invalidator check`.
-func CheckFailover(ctx context.Context, dsn, slot string) (FailoverSettings, error) {
-	ctx, cancel := withTimeout(ctx, queryTimeout)
-	defer cancel()
-	conn, err := connect(ctx, dsn)
-	if err != nil {
-		return FailoverSettings{}, err
-	}
-	defer conn.Close(context.Background())
-	var f FailoverSettings
-	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&f.Version); err != nil {
-		return f, fmt.Errorf("wal: server version: %w", err)
-	}
-	if f.Version < 170000 {
-		return f, nil
-	}
-	if err := conn.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots'),
-		coalesce((SELECT failover FROM pg_replication_slots WHERE slot_name = $1), false)`, slot).Scan(&f.SynchronizedStandbySlots, &f.SlotFailover); err != nil {
-		return f, fmt.Errorf("wal: failover settings: %w", err)
-	}
-	rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY 1`)
-	if err != nil {
-		return f, fmt.Errorf("wal: standby slots: %w", err)
-	}
-	f.Standbys, err = pgx.CollectRows(rows, pgx.RowTo[string])
+func CheckFailover(ctx context.Context, dsn, slot string) (f FailoverSettings, err error) {
+	err = withConn(ctx, dsn, func(ctx context.Context, conn *pgx.Conn) error {
+		if err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&f.Version); err != nil {
+			return fmt.Errorf("wal: server version: %w", err)
+		}
+		if f.Version < 170000 {
+			return nil
+		}
+		if err := conn.QueryRow(ctx, `SELECT current_setting('synchronized_standby_slots'),
+			coalesce((SELECT failover FROM pg_replication_slots WHERE slot_name = $1), false)`, slot).Scan(&f.SynchronizedStandbySlots, &f.SlotFailover); err != nil {
+			return fmt.Errorf("wal: failover settings: %w", err)
+		}
+		rows, err := conn.Query(ctx, `SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' ORDER BY 1`)
+		if err != nil {
+			return fmt.Errorf("wal: standby slots: %w", err)
+		}
+		f.Standbys, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		return err
+	})
 	return f, err
 }
