@@ -27,6 +27,7 @@ var shared struct {
 	once sync.Once
 	env  *testenv.Env
 	bin  string // the invalidator binary
+	bins testenv.Binaries
 	dir  string
 	js   jetstream.JetStream
 	nc   *nats.Conn
@@ -84,7 +85,7 @@ func env(b *testing.B) *testenv.Env {
 			shared.err = err
 			return
 		}
-		shared.bin = bins.Invalidator
+		shared.bin, shared.bins = bins.Invalidator, bins
 		// Other test packages may take a picked port first: retry once,
 		// as testenv.New does.
 		for attempt := 0; attempt < 2; attempt++ {
