@@ -52,27 +52,35 @@ func (p *Purger) WithBacklog(b Backlog) *Purger {
 // state at start.
 var loadRetry = backoff.Policy{Min: time.Second, Max: 30 * time.Second}
 
-// load reads the server's backlog state (attempt counts the failures so
-// far, for the log); false when it could not.
-func (w *worker) load(ctx context.Context, attempt int) bool {
-	lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	st, err := w.p.backlog.Load(lctx, w.addr)
-	cancel()
-	if err != nil {
-		if ctx.Err() == nil && attempt%10 == 0 {
-			w.p.log.Warn("cannot read the backlog; applying keys directly (a down server's keys are retried, not recorded) and trying again",
+// loadBacklog reads the server's backlog state, retrying until it can
+// or ctx ends, and hands it to the worker. It runs beside the worker, so
+// a slow or unreachable backlog never holds up the purge: until the
+// state arrives the worker applies keys directly and retries a failing
+// server's keys instead of recording them.
+func (w *worker) loadBacklog(ctx context.Context) {
+	for attempt := 0; ; attempt++ {
+		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := w.p.backlog.Load(lctx, w.addr)
+		cancel()
+		if err == nil {
+			if st.Keys > 0 || st.Flush {
+				w.p.log.Info("memcached server has a backlog from before; it is applied once the server answers",
+					zap.String("server", w.addr), zap.Int64("keys", st.Keys), zap.Bool("flush", st.Flush))
+			}
+			w.loadedCh <- st
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if attempt%10 == 0 {
+			w.p.log.Warn("cannot read the backlog yet; applying keys directly (a down server's keys are retried, not recorded) and trying again",
 				zap.String("server", w.addr), zap.Int("attempt", attempt+1), zap.Error(err))
 		}
-		return false
+		if loadRetry.Sleep(ctx, attempt) != nil {
+			return
+		}
 	}
-	w.mu.Lock()
-	w.bl = st
-	w.mu.Unlock()
-	if st.Keys > 0 || st.Flush {
-		w.p.log.Info("memcached server has a backlog from before; it is applied once the server answers",
-			zap.String("server", w.addr), zap.Int64("keys", st.Keys), zap.Bool("flush", st.Flush))
-	}
-	return true
 }
 
 // record puts the parts' keys in the backlog (or, past the bound, marks

@@ -278,6 +278,13 @@ func (p *Purger) Run(ctx context.Context) error {
 			defer workers.Done()
 			w.run(ctx)
 		}()
+		if p.backlog != nil {
+			workers.Add(1)
+			go func() {
+				defer workers.Done()
+				w.loadBacklog(ctx)
+			}()
+		}
 	}
 	if p.again != nil {
 		workers.Add(1)

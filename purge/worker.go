@@ -54,10 +54,13 @@ type worker struct {
 	heldAt time.Time
 	bl     BacklogState
 	down   bool
+
+	// loadedCh gets the backlog's state once loadBacklog has read it.
+	loadedCh chan BacklogState
 }
 
 func newWorker(p *Purger, idx int, addr string) *worker {
-	return &worker{p: p, idx: idx, addr: addr, wake: make(chan struct{}, 1)}
+	return &worker{p: p, idx: idx, addr: addr, wake: make(chan struct{}, 1), loadedCh: make(chan BacklogState, 1)}
 }
 
 func (w *worker) enqueue(pt *part) {
@@ -136,24 +139,27 @@ func (w *worker) run(ctx context.Context) {
 	// failing server's keys are retried, not recorded: a backlog that
 	// cannot be read never stalls the purge of live servers.
 	loaded := p.backlog == nil
-	var nextLoad time.Time
-	loads := 0
 	down := false
 	attempt := 0
 	var failingSince time.Time
 	var nextProbe time.Time
+	onLoad := func(st BacklogState) {
+		loaded = true
+		w.mu.Lock()
+		w.bl = st
+		w.mu.Unlock()
+		if st.Keys > 0 || st.Flush {
+			// Recorded keys wait for a probe to replay them.
+			down, nextProbe, attempt = true, time.Now(), 0
+			w.setDown(true)
+		}
+	}
 	for ctx.Err() == nil {
-		if !loaded && !time.Now().Before(nextLoad) {
-			if w.load(ctx, loads) {
-				loaded = true
-				if w.bl.Keys > 0 || w.bl.Flush {
-					// Recorded keys wait for a probe to replay them.
-					down, nextProbe, attempt = true, time.Now(), 0
-					w.setDown(true)
-				}
-			} else {
-				nextLoad = time.Now().Add(loadRetry.Delay(loads))
-				loads++
+		if !loaded {
+			select {
+			case st := <-w.loadedCh:
+				onLoad(st)
+			default:
 			}
 		}
 		if down {
@@ -167,19 +173,15 @@ func (w *worker) run(ctx context.Context) {
 		}
 		parts := w.take(p.cfg.MaxChunk)
 		if len(parts) == 0 {
-			var retryLoad <-chan time.Time
-			var t *time.Timer
+			var loadedCh <-chan BacklogState
 			if !loaded {
-				t = time.NewTimer(time.Until(nextLoad))
-				retryLoad = t.C
+				loadedCh = w.loadedCh
 			}
 			select {
 			case <-w.wake:
-			case <-retryLoad:
+			case st := <-loadedCh:
+				onLoad(st)
 			case <-ctx.Done():
-			}
-			if t != nil {
-				t.Stop()
 			}
 			continue
 		}
