@@ -99,6 +99,10 @@ func (r *request) deliver(res result) {
 	}
 }
 
+// chainBufs holds the write buffers of delete chains, which are larger
+// than a pooled request keeps.
+var chainBufs sync.Pool
+
 var reqPool = sync.Pool{New: func() any {
 	return &request{pooled: true, done: make(chan result, 1)}
 }}
@@ -133,6 +137,12 @@ func (r *request) release() {
 		return
 	}
 	if cap(r.buf) > 4<<10 {
+		// A chain's buffer goes back to chainBufs (up to 1 MiB); other
+		// large buffers are left to the GC.
+		if r.kind == kindChain && cap(r.buf) <= 1<<20 {
+			b := r.buf[:0]
+			chainBufs.Put(&b)
+		}
 		r.buf = nil
 	}
 	r.buf, r.err, r.quiet, r.kind, r.due = r.buf[:0], nil, false, 0, 0

@@ -349,7 +349,14 @@ func buildDeleteChain(keys []string, opt DeleteOptions) (r *request, bad []chain
 	for _, k := range keys {
 		size += len(k) + 24
 	}
-	r = newRequest(size)
+	r = newRequest(0)
+	if size > cap(r.buf) {
+		if b, ok := chainBufs.Get().(*[]byte); ok && cap(*b) >= size {
+			r.buf = (*b)[:0]
+		} else {
+			r.buf = make([]byte, 0, size)
+		}
+	}
 	w := builder{b: r.buf}
 	n := 0
 	for i, k := range keys {
