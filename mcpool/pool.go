@@ -23,9 +23,10 @@ type Config struct {
 	// ConnsPerServer is the number of pipelined connections per server.
 	ConnsPerServer int
 	// Timeout is the deadline of a request whose ctx has none: it fails
-	// with ErrTimeout between Timeout and Timeout + max(Timeout/8, 1ms)
+	// with ErrTimeout between Timeout and Timeout + 2*max(Timeout/8, 1ms)
 	// after it began (all keys of a multi-key call from the call's
-	// start), or, if the server has begun to send its response, when
+	// start; later, never sooner, on a machine too busy to run the
+	// expiry on time), or, if the server has begun to send its response, when
 	// that ends or IOTimeout passes. A ctx deadline always wins, longer
 	// or shorter.
 	Timeout time.Duration
