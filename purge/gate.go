@@ -38,7 +38,8 @@ type Gate struct {
 	cfg GateConfig
 	log *zap.Logger
 
-	waiters atomic.Int64
+	waiters atomic.Int64 // every Wait and WaitReplay in progress
+	urgent  atomic.Int64 // the Waits (a batch held back): poll at Poll
 	wake    chan struct{}
 	up      atomic.Bool
 
@@ -105,6 +106,10 @@ func need(commitLSN, endLSN uint64) uint64 {
 func (g *Gate) wait(ctx context.Context, need uint64, limited bool) error {
 	g.waiters.Add(1)
 	defer g.waiters.Add(-1)
+	if limited {
+		g.urgent.Add(1)
+		defer g.urgent.Add(-1)
+	}
 	select {
 	case g.wake <- struct{}{}:
 	default:
@@ -213,8 +218,15 @@ func (g *Gate) Run(ctx context.Context) error {
 		}
 		g.mu.Unlock()
 		if g.waiters.Load() > 0 {
+			// Second purges alone wait for a lag to end: a slower poll
+			// spares the replica.
+			d := g.cfg.Poll
+			if g.urgent.Load() == 0 {
+				d = max(d, secondPurgePoll)
+			}
 			select {
-			case <-time.After(g.cfg.Poll):
+			case <-time.After(d):
+			case <-g.wake:
 			case <-ctx.Done():
 			}
 		}
@@ -230,6 +242,10 @@ func (g *Gate) down(ctx context.Context, fails *int, err error) {
 	*fails++
 	_ = gateRetry.Sleep(ctx, *fails-1)
 }
+
+// secondPurgePoll is how often the replica is polled when only second
+// purges (WaitReplay) wait.
+const secondPurgePoll = 50 * time.Millisecond
 
 // gateRetry is the backoff between attempts to reach the replica.
 var gateRetry = backoff.Policy{Min: 100 * time.Millisecond, Max: 2 * time.Second}
