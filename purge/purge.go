@@ -450,6 +450,10 @@ func (t *tracker) finish() {
 }
 
 func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
+	if b.Flush {
+		p.applyFlush(ctx, b, d)
+		return
+	}
 	keys := p.validKeys(b)
 	p.m.Pending.Add(float64(len(keys)))
 	defer p.m.Pending.Sub(float64(len(keys)))

@@ -162,6 +162,11 @@ func (w *worker) run(ctx context.Context) {
 			default:
 			}
 		}
+		if !down && loaded && w.flushDue() {
+			// A flush was announced while the server did not answer.
+			down, nextProbe, attempt = true, time.Now(), 0
+			w.setDown(true)
+		}
 		if down {
 			if !w.runDown(ctx, &nextProbe, &attempt) {
 				continue
