@@ -22,6 +22,10 @@ type ConsumerConfig struct {
 	// AckWait is how long a delivered message may go without an ack or a
 	// progress signal before it is redelivered. 0 means 30s.
 	AckWait time.Duration
+	// MaxBuffered bounds the bytes of messages pulled and not yet handed
+	// to the handler. 0 means 8 MiB; it is raised to 4 times the
+	// server's max payload, so that the largest message always fits.
+	MaxBuffered int
 }
 
 func (c *ConsumerConfig) defaults() {
@@ -33,6 +37,9 @@ func (c *ConsumerConfig) defaults() {
 	}
 	if c.AckWait == 0 {
 		c.AckWait = 30 * time.Second
+	}
+	if c.MaxBuffered == 0 {
+		c.MaxBuffered = 8 << 20
 	}
 }
 
@@ -113,7 +120,13 @@ func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
 	if err != nil {
 		return fmt.Errorf("create consumer %s on %s: %w", c.cfg.Durable(), c.cfg.Stream, err)
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(256), jetstream.PullExpiry(5*time.Second))
+	buffered := c.cfg.MaxBuffered
+	if nc := c.js.Conn(); nc != nil {
+		buffered = max(buffered, 4*int(nc.MaxPayload()))
+	}
+	// Bounded in bytes, not messages: 256 messages of up to the max
+	// payload each could hold 256 MB.
+	it, err := cons.Messages(jetstream.PullMaxBytes(buffered), jetstream.PullExpiry(5*time.Second))
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", c.cfg.Durable(), err)
 	}
