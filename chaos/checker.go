@@ -180,9 +180,10 @@ type Checker struct {
 
 	readSeq atomic.Uint64
 
-	mu     sync.Mutex // guards report, keys
-	report CheckReport
-	keys   map[string]struct{}
+	mu      sync.Mutex // guards report, keys, flushes
+	flushes []uint64   // CommitLSN of each flush announcement read
+	report  CheckReport
+	keys    map[string]struct{}
 }
 
 // NewChecker validates cfg and returns a Checker.
@@ -225,6 +226,14 @@ func (c *Checker) Report() CheckReport {
 
 // ReadSeq is the last stream sequence read (0 before the first).
 func (c *Checker) ReadSeq() uint64 { return c.readSeq.Load() }
+
+// Flushes returns the positions of the pool flushes announced on the
+// stream (after a slot loss): every key written before one is covered.
+func (c *Checker) Flushes() []uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]uint64(nil), c.flushes...)
+}
 
 // Keys returns every key read from the stream (with RecordKeys).
 func (c *Checker) Keys() map[string]struct{} {
@@ -345,6 +354,9 @@ func (c *Checker) Run(ctx context.Context) error {
 			for _, k := range b.Keys {
 				c.keys[k] = struct{}{}
 			}
+		}
+		if b.Flush {
+			c.flushes = append(c.flushes, b.CommitLSN)
 		}
 		c.mu.Unlock()
 		for _, k := range b.Keys {

@@ -55,6 +55,12 @@ func WriteDetails(out io.Writer, results []Result) {
 		fmt.Fprintf(out, "- checker: %d batches, %d keys read; %s; stale by DC %v; worst %s; %d skipped, %d read errors\n",
 			c.Batches, c.Keys, c.NinesString(), c.StaleByDC, c.WorstString(), c.Skipped, c.Errors)
 		fmt.Fprintf(out, "- lost: %d never in the stream, %d written keys left stale", r.LostStream, r.LostApplied)
+		if r.CoveredByFlush > 0 {
+			fmt.Fprintf(out, " (and %d keys not in the stream but written before a flush of every pool announced on it)", r.CoveredByFlush)
+		}
+		if r.LostInFailover > 0 {
+			fmt.Fprintf(out, " (and %d keys whose every write the failover lost: committed on the old primary past the switch, so no invalidation was owed)", r.LostInFailover)
+		}
 		if len(r.LostKeys) > 0 {
 			fmt.Fprintf(out, " (e.g. %s)", strings.Join(r.LostKeys, " "))
 		}

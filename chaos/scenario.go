@@ -3,10 +3,12 @@ package chaos
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/pgcache/pgcache/testenv"
 	"go.uber.org/zap"
 )
 
@@ -60,6 +62,8 @@ func Scenarios() []Scenario {
 		{Name: "e-replica-lag", Fault: "pause replay on a replica (dc2, then dc1, ...) for Period, resume, repeatedly", Inject: replicaLag},
 		{Name: "f-primary-restart", Fault: "restart the Postgres primary (fast shutdown, start) twice", Inject: primaryRestart},
 		{Name: "g-slow-memcached", Fault: "50ms latency each way on dc1's first memcached link for Fault", Inject: slowMemcached},
+		// Last: it changes which server is the primary.
+		{Name: "h-primary-failover", Fault: "kill -9 the primary under load, promote the replica that received the most WAL, repoint the other", Inject: primaryFailover},
 	}
 }
 
@@ -208,6 +212,63 @@ func primaryRestart(ctx context.Context, w *World, t Timing, log *zap.Logger) (i
 	return n, ctx.Err()
 }
 
+// primaryFailover kills the primary and promotes a replica (testenv's
+// Failover: as Patroni would). Commits the old primary acknowledged and no
+// replica received are lost; keys the tail published of them are purged
+// again (timeline switch), or, before PostgreSQL 17, the slot is lost and
+// every pool is flushed once (on_slot_loss: flush).
+func primaryFailover(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
+	sleep(ctx, t.Period)
+	fo, err := w.Env.Failover(ctx, testenv.FailoverOptions{})
+	if err != nil {
+		return 0, err
+	}
+	w.failedOver = &failedOver{oldPort: fo.OldPrimary.Port, switchLSN: parseLSN(fo.SwitchLSN)}
+	log.Info("failed over", zap.String("new_primary", fo.NewPrimary.Name), zap.Uint32("timeline", fo.Timeline),
+		zap.String("switch_lsn", fo.SwitchLSN), zap.Duration("promoted_in", fo.Promoted))
+	sleep(ctx, t.Period)
+	return 1, ctx.Err()
+}
+
+// coveredByFlush reports whether every write of a key came before a flush
+// announced on the stream: on the old primary (before a failover), or at
+// or before the flush's position.
+func (w *World) coveredByFlush(marks []WriteMark, flushes []uint64) bool {
+	if len(flushes) == 0 || len(marks) == 0 {
+		return false
+	}
+	last := slices.Max(flushes)
+	for _, m := range marks {
+		onOld := w.failedOver != nil && m.Port == w.failedOver.oldPort
+		if !onOld && (m.LSN == 0 || m.LSN > last) {
+			return false
+		}
+	}
+	return true
+}
+
+// failedOver is what the lost-invalidation check needs of a failover.
+type failedOver struct {
+	oldPort   int
+	switchLSN uint64
+}
+
+// lostInFailover reports whether every write of a key may have been lost
+// by a failover: committed on the old primary past the switch, or with a
+// position the workload could not read (the server was going away).
+func (w *World) lostInFailover(marks []WriteMark) bool {
+	fo := w.failedOver
+	if fo == nil || len(marks) == 0 {
+		return false
+	}
+	for _, m := range marks {
+		if m.LSN != 0 && (m.Port != fo.oldPort || m.LSN <= fo.switchLSN) {
+			return false
+		}
+	}
+	return true
+}
+
 func slowMemcached(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
 	l := w.Links[w.Env.DCs[0].Name][0]
 	log.Info("slow memcached link", zap.String("link", l.Name))
@@ -234,7 +295,15 @@ type Result struct {
 	// LostApplied counts written keys left stale in some DC (their purge
 	// was not applied there). Lost is their sum.
 	LostStream, LostApplied, Lost int
-	LostKeys                      []string // the first few lost keys
+	// LostInFailover counts written keys not in the stream whose every
+	// write committed on the old primary past the promotion's switch
+	// point, as far as the workload can tell: writes the failover lost,
+	// not invalidations.
+	LostInFailover int
+	// CoveredByFlush counts written keys not in the stream whose every
+	// write came before a flush of every pool announced on the stream.
+	CoveredByFlush int
+	LostKeys       []string // the first few lost keys
 	// Drift is nil when counters did not run (DriftNote says why).
 	Drift     *Drift
 	DriftNote string
@@ -366,8 +435,20 @@ func (w *World) Run(ctx context.Context, sc Scenario, t Timing, log *zap.Logger)
 	for _, s := range stale {
 		staleKeys[s.Key] = true
 	}
-	for k := range wl.Written() {
+	flushes := checker.Flushes()
+	for k, marks := range wl.Written() {
 		_, ok := inStream[k]
+		if !ok && w.coveredByFlush(marks, flushes) {
+			// Invalidated by a flush of every pool (a lost slot).
+			res.CoveredByFlush++
+			continue
+		}
+		if !ok && w.lostInFailover(marks) {
+			// Every write of the key may be one the new primary never
+			// received: no row, no invalidation owed.
+			res.LostInFailover++
+			continue
+		}
 		if !ok {
 			res.LostStream++
 		}
@@ -386,7 +467,7 @@ func (w *World) Run(ctx context.Context, sc Scenario, t Timing, log *zap.Logger)
 
 // WorkloadConfig is the workload over this world.
 func (w *World) WorkloadConfig() WorkloadConfig {
-	c := WorkloadConfig{PrimaryDSN: w.Env.Primary.DSN(""), Items: w.cfg.Items, Likes: w.CountersOn}
+	c := WorkloadConfig{PrimaryDSN: w.PrimaryDSN(), Items: w.cfg.Items, Likes: w.CountersOn}
 	for _, dc := range w.Env.DCs[:2] {
 		c.DCs = append(c.DCs, WorkloadDC{Name: dc.Name, ProxyAddr: w.ProxyAddr[dc.Name], ReplicaDSN: dc.Replica.DSN("")})
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,7 +70,17 @@ type Workload struct {
 	nextID                                atomic.Int64
 
 	mu      sync.Mutex // guards written
-	written map[string]struct{}
+	written map[string][]WriteMark
+}
+
+// WriteMark is where a write committed, as far as the workload can tell:
+// the WAL position its server reported just after the commit (an upper
+// bound of the commit's) and that server's port. After a failover, a write
+// marked on the old primary past the switch may be one the new primary
+// never received: its row does not exist, so no invalidation is owed.
+type WriteMark struct {
+	LSN  uint64
+	Port int
 }
 
 // NewWorkload returns a Workload; Run runs it.
@@ -86,7 +97,7 @@ func NewWorkload(cfg WorkloadConfig) *Workload {
 	if cfg.ReadPause <= 0 {
 		cfg.ReadPause = 2 * time.Millisecond
 	}
-	w := &Workload{cfg: cfg, written: map[string]struct{}{}}
+	w := &Workload{cfg: cfg, written: map[string][]WriteMark{}}
 	w.nextID.Store(int64(cfg.Items))
 	return w
 }
@@ -112,22 +123,44 @@ func (w *Workload) Stats() WorkloadStats {
 	}
 }
 
-// Written returns the keys of every committed write: item:{id}, and
-// likes:{id} for likes when counters run.
-func (w *Workload) Written() map[string]struct{} {
+// Written returns the keys of every committed write (item:{id}, and
+// likes:{id} for likes when counters run), each with where its writes
+// committed.
+func (w *Workload) Written() map[string][]WriteMark {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	out := make(map[string]struct{}, len(w.written))
-	for k := range w.written {
-		out[k] = struct{}{}
+	out := make(map[string][]WriteMark, len(w.written))
+	for k, m := range w.written {
+		out[k] = append([]WriteMark(nil), m...)
 	}
 	return out
 }
 
-func (w *Workload) wrote(key string) {
+// wrote records a committed write of key, with the position its server
+// reports now.
+func (w *Workload) wrote(ctx context.Context, db *connPool, key string) {
+	var mark WriteMark
+	var lsn string
+	if err := db.queryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text, inet_server_port()`, nil, &lsn, &mark.Port); err == nil {
+		mark.LSN = parseLSN(lsn)
+	}
 	w.mu.Lock()
-	w.written[key] = struct{}{}
+	w.written[key] = append(w.written[key], mark)
 	w.mu.Unlock()
+}
+
+// parseLSN parses pg_lsn text ("16/B374D848"); 0 when it cannot.
+func parseLSN(s string) uint64 {
+	hi, lo, ok := strings.Cut(s, "/")
+	if !ok {
+		return 0
+	}
+	h, err1 := strconv.ParseUint(hi, 16, 32)
+	l, err2 := strconv.ParseUint(lo, 16, 32)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	return h<<32 | l
 }
 
 // Run runs writers and readers until ctx ends. Errors (a server down
@@ -182,14 +215,14 @@ func (w *Workload) writer(ctx context.Context, db *connPool) {
 			tag, err = db.exec(ctx, "UPDATE items SET version = version + 1 WHERE id = $1", id)
 			if err == nil && tag > 0 {
 				w.updates.Add(1)
-				w.wrote(itemKey(id))
+				w.wrote(ctx, db, itemKey(id))
 			}
 		case x < 75 || (!w.cfg.Likes && x < 95):
 			id := w.nextID.Add(1)
 			_, err = db.exec(ctx, "INSERT INTO items (id, version) VALUES ($1, 1)", id)
 			if err == nil {
 				w.inserts.Add(1)
-				w.wrote(itemKey(id))
+				w.wrote(ctx, db, itemKey(id))
 			}
 		case x < 78 || !w.cfg.Likes:
 			id := 1 + rand.Int64N(max(w.nextID.Load(), 1))
@@ -197,14 +230,14 @@ func (w *Workload) writer(ctx context.Context, db *connPool) {
 			tag, err = db.exec(ctx, "DELETE FROM items WHERE id = $1", id)
 			if err == nil && tag > 0 {
 				w.deletes.Add(1)
-				w.wrote(itemKey(id))
+				w.wrote(ctx, db, itemKey(id))
 			}
 		case x < 92:
 			id := w.pick()
 			_, err = db.exec(ctx, "INSERT INTO likes (item_id) VALUES ($1)", id)
 			if err == nil {
 				w.likes.Add(1)
-				w.wrote("likes:" + strconv.FormatInt(id, 10))
+				w.wrote(ctx, db, "likes:"+strconv.FormatInt(id, 10))
 			}
 		default:
 			var id int64
@@ -213,7 +246,7 @@ func (w *Workload) writer(ctx context.Context, db *connPool) {
 				err = nil
 			} else if err == nil {
 				w.unlikes.Add(1)
-				w.wrote("likes:" + strconv.FormatInt(id, 10))
+				w.wrote(ctx, db, "likes:"+strconv.FormatInt(id, 10))
 			}
 		}
 		if err != nil {

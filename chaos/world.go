@@ -93,6 +93,8 @@ type World struct {
 	procs  []*testenv.Daemon
 	decoy  *testenv.Memcached
 	maxID  int64 // highest item id any workload may have written
+	// failedOver is set by the failover scenario.
+	failedOver *failedOver
 
 	notesMu sync.Mutex // guards notes
 	notes   map[string]int
@@ -238,7 +240,10 @@ func newPool(servers []string, log *zap.Logger) (*mcpool.Pool, error) {
 // invalidatorConfig is the YAML of one invalidator in dc.
 func (w *World) invalidatorConfig(dc *testenv.DC, tail, purge bool, httpPort int) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "dc: %s\npostgres: {dsn: %q, slot: %s, publication: cache_invalidator}\n", dc.Name, w.Env.Primary.DSN(""), Slot)
+	// Every server that may become primary, as a deployment that rides a
+	// failover lists them; a lost slot (a promotion before PostgreSQL 17)
+	// is recovered with one flush of every pool.
+	fmt.Fprintf(&b, "dc: %s\npostgres: {dsn: %q, slot: %s, publication: cache_invalidator}\non_slot_loss: flush\n", dc.Name, w.PrimaryDSN(), Slot)
 	fmt.Fprintf(&b, "nats: {url: %q, stream: %s, placement: %s}\ntail: %t\n", dc.NATS.URL(), Stream, w.Env.DCs[0].Name, tail)
 	if purge {
 		var servers []string
@@ -636,11 +641,24 @@ func (w *World) Scan(ctx context.Context, maxID int64) ([]StaleKey, error) {
 	return out, nil
 }
 
+// PrimaryDSN lists every server that may be the primary, with
+// target_session_attrs=read-write: whichever accepts writes, before and
+// after a failover.
+func (w *World) PrimaryDSN() string {
+	servers := []*testenv.Postgres{w.Env.Primary}
+	for _, dc := range w.Env.DCs {
+		if dc.Replica != nil && dc.Replica != w.Env.Primary {
+			servers = append(servers, dc.Replica)
+		}
+	}
+	return testenv.MultiHostDSN("", servers...)
+}
+
 // CheckerConfig is a checker over this world's stream, pools and the
 // workload's rules.
 func (w *World) CheckerConfig() CheckerConfig {
 	c := DefaultCheckerConfig()
-	c.PrimaryDSN = w.Env.Primary.DSN("")
+	c.PrimaryDSN = w.PrimaryDSN()
 	c.NATSURL = w.Env.DCs[0].NATS.URL()
 	for _, dc := range w.Env.DCs[:2] {
 		var servers []string
