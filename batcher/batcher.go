@@ -1,6 +1,6 @@
 // Package batcher aggregates counter deltas in memory, per counter and
-// group, and writes them to Postgres in one transaction per batch: an
-// upsert of every pending group together with the input positions the
+// group, and has them written in one transaction per batch (a Flusher):
+// an upsert of every pending group together with the input positions the
 // batch covers (a checkpoint per source), so that after a crash no delta is
 // lost and none is counted twice. It knows nothing of counter rules, the
 // WAL or NATS: callers hand it deltas at positions, and it tells them which
@@ -31,24 +31,9 @@
 // One input is applied whole, so a single input larger than MaxPending
 // (a repair of many groups) may exceed it by its own size.
 //
-// # The tables (PG)
-//
-//	CREATE TABLE pgcache_counters (
-//	    counter text   NOT NULL,  -- the counter's name
-//	    grp     text   NOT NULL,  -- the group values, a JSON array of strings: ["42"]
-//	    key     text   NOT NULL,  -- the group's cache key: post:42:likes
-//	    n       bigint NOT NULL,  -- the count
-//	    PRIMARY KEY (counter, grp));
-//	CREATE INDEX pgcache_counters_key ON pgcache_counters (key);
-//	CREATE TABLE pgcache_counter_checkpoints (
-//	    source     text        PRIMARY KEY,  -- "wal", "nats:<stream>"
-//	    pos        bigint      NOT NULL,     -- LSN or stream sequence
-//	    sub        bigint      NOT NULL,     -- position inside the input at pos (WAL: change ordinal in the transaction)
-//	    updated_at timestamptz NOT NULL DEFAULT now());
-//
-// An application reads a counter by its cache key, on a miss:
-// SELECT n FROM pgcache_counters WHERE key = 'post:42:likes' (no row: 0).
-// It never needs COUNT(*).
+// The Flusher writes a Batch in one transaction; package counterstore is
+// the Postgres one (its tables, and how an application reads a counter,
+// are documented there).
 package batcher
 
 import (

@@ -5,6 +5,27 @@
 // checkpoints' Load, and the recount behind `invalidator repair` and a
 // counter's first start. It leaves aggregation to batcher and counter
 // rules to counters.
+//
+// # The tables
+//
+//	CREATE TABLE pgcache_counters (
+//	    counter text   NOT NULL,  -- the counter's name
+//	    grp     text   NOT NULL,  -- the group values, a JSON array of strings: ["42"]
+//	    key     text   NOT NULL,  -- the group's cache key: post:42:likes
+//	    n       bigint NOT NULL,  -- the count
+//	    PRIMARY KEY (counter, grp));
+//	CREATE INDEX pgcache_counters_key ON pgcache_counters (key);
+//	CREATE TABLE pgcache_counter_checkpoints (
+//	    source     text        PRIMARY KEY,  -- "wal", "nats:<stream>"
+//	    pos        bigint      NOT NULL,     -- LSN or stream sequence
+//	    sub        bigint      NOT NULL,     -- position inside the input at pos (WAL: change ordinal in the transaction)
+//	    updated_at timestamptz NOT NULL DEFAULT now());
+//	CREATE TABLE pgcache_counter_repairs (   -- revoked from PUBLIC
+//	    id bigserial PRIMARY KEY, payload text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+//
+// An application reads a counter by its cache key, on a miss:
+// SELECT n FROM pgcache_counters WHERE key = 'post:42:likes' (no row: 0).
+// It never needs COUNT(*).
 package counterstore
 
 import (
