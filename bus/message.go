@@ -1,9 +1,11 @@
 // Package bus carries invalidations between datacenters over NATS
-// JetStream: it creates the stream, publishes batches of keys
-// asynchronously with bounded in-flight and a dedup id, reports which
-// WAL positions are durable in JetStream, and gives each datacenter a
-// durable consumer. It knows nothing of Postgres or memcached: positions
-// are plain uint64 LSNs and keys are strings.
+// JetStream: it connects, creates the streams (invalidations, counter
+// increments), publishes batches of keys asynchronously with bounded
+// in-flight, a dedup id and a size under the server's max payload, does
+// each transaction's acknowledgement once its keys are durable, keeps the
+// tail's pipeline state in a key-value bucket, and gives each datacenter
+// a durable consumer. It knows nothing of Postgres or memcached:
+// positions are plain uint64 LSNs and keys are strings.
 package bus
 
 import (
