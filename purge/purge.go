@@ -369,13 +369,15 @@ func (p *Purger) acquire(ctx context.Context, n int64) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	go func() {
+	if !p.goTracked(func() {
 		select {
 		case <-p.closing:
 			cancel()
 		case <-ctx.Done():
 		}
-	}()
+	}) {
+		return ErrClosed
+	}
 	if err := p.mem.Acquire(ctx, n); err != nil {
 		select {
 		case <-p.closing:
@@ -396,10 +398,12 @@ func (p *Purger) Drain(ctx context.Context) error {
 	p.draining = true
 	p.mu.Unlock()
 	done := make(chan struct{})
-	go func() {
+	if !p.goTracked(func() {
 		p.inflight.Wait()
 		close(done)
-	}()
+	}) {
+		return ErrClosed
+	}
 	select {
 	case <-done:
 		p.drainOnce.Do(func() { close(p.drained) })
@@ -409,6 +413,22 @@ func (p *Purger) Drain(ctx context.Context) error {
 	case <-p.closing:
 		return ErrClosed
 	}
+}
+
+// goTracked runs f in a goroutine that Close waits for; false (and f
+// not run) once Close has begun.
+func (p *Purger) goTracked(f func()) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return false
+	}
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		f()
+	}()
+	return true
 }
 
 // Close stops the purger at once (batches not finished are not acked)
