@@ -25,7 +25,8 @@ type Backlog interface {
 	// again (its backlog overflowed); nothing is appended after it.
 	MarkFlush(ctx context.Context, server string) error
 	// Replay calls fn with the recorded keys of server, oldest first, a
-	// chunk at a time, and returns the position to Trim up to.
+	// chunk at a time, and returns the position to Trim up to. It stops
+	// before a flush mark (which the caller acts on instead).
 	Replay(ctx context.Context, server string, fn func(keys []string) error) (upTo uint64, err error)
 	// Trim removes what is recorded for server up to upTo (from Replay,
 	// or BacklogState.Last).
@@ -124,6 +125,8 @@ func (w *worker) record(ctx context.Context, parts []*part) error {
 		p.m.Recorded.WithLabelValues(w.addr).Add(float64(len(keys)))
 	}
 	w.mu.Lock()
+	// A flush mark set meanwhile (markFlush, from a flush batch) stays.
+	st.Flush = st.Flush || w.bl.Flush
 	w.bl = st
 	w.mu.Unlock()
 	w.release(len(keys))
@@ -187,7 +190,9 @@ func (w *worker) recover(ctx context.Context) error {
 		return fmt.Errorf("trim backlog: %w", err)
 	}
 	w.mu.Lock()
-	w.bl = BacklogState{}
+	// A flush mark set meanwhile (markFlush) is kept: Replay stops before
+	// a flush record, so the trim left it, and the worker flushes next.
+	w.bl = BacklogState{Flush: w.bl.Flush && !st.Flush}
 	w.mu.Unlock()
 	return nil
 }

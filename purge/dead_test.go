@@ -267,12 +267,6 @@ func TestJetStreamBacklog(t *testing.T) {
 	if st.Keys != 3002 || st.Bytes != wantBytes || st.Oldest.IsZero() || st.Flush {
 		t.Fatalf("state %+v; want 3002 keys, %d bytes, an oldest time, no flush", st, wantBytes)
 	}
-	if err := b2.MarkFlush(ctx, srv); err != nil {
-		t.Fatal(err)
-	}
-	if st, _ := b1.Load(ctx, srv); !st.Flush || st.Keys != 3002 {
-		t.Fatalf("after MarkFlush: %+v; want flush and the keys kept", st)
-	}
 	var got []string
 	upTo, err := b1.Replay(ctx, srv, func(keys []string) error { got = append(got, keys...); return nil })
 	if err != nil {
@@ -281,7 +275,26 @@ func TestJetStreamBacklog(t *testing.T) {
 	if len(got) != 3002 || got[0] != "a" || got[1] != "b\tc" || got[3001] != big[2999] {
 		t.Fatalf("replayed %d keys (first %q); want the 3002 in order", len(got), got[:2])
 	}
+	// A flush mark appended after the replay began stays past the trim.
+	if err := b2.MarkFlush(ctx, srv); err != nil {
+		t.Fatal(err)
+	}
 	if err := b1.Trim(ctx, srv, upTo); err != nil {
+		t.Fatal(err)
+	}
+	st, err = b1.Load(ctx, srv)
+	if err != nil || !st.Flush {
+		t.Fatalf("after MarkFlush and a trim of the keys: %+v, %v; want the flush mark", st, err)
+	}
+	// A replay stops before the mark: the flush replaces the keys after it.
+	if err := b1.Append(ctx, srv, []string{"after"}); err != nil {
+		t.Fatal(err)
+	}
+	got = nil
+	if _, err := b1.Replay(ctx, srv, func(keys []string) error { got = append(got, keys...); return nil }); err != nil || len(got) != 0 {
+		t.Fatalf("replay with a flush mark first: %v, %v; want nothing", got, err)
+	}
+	if err := b1.Trim(ctx, srv, st.Last+1); err != nil {
 		t.Fatal(err)
 	}
 	if st, err := b2.Load(ctx, srv); err != nil || st.Keys != 0 || st.Flush {

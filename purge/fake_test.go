@@ -193,6 +193,9 @@ func (b *memBacklog) Replay(_ context.Context, server string, fn func([]string) 
 	b.mu.Unlock()
 	var upTo uint64
 	for _, r := range recs {
+		if r.flush {
+			break
+		}
 		if len(r.keys) > 0 {
 			if err := fn(r.keys); err != nil {
 				return upTo, err

@@ -238,6 +238,9 @@ func (b *JetStreamBacklog) Replay(ctx context.Context, server string, fn func(ke
 		if err != nil {
 			return upTo, fmt.Errorf("read backlog of %s at %d: %w", server, seq, err)
 		}
+		if m.Header.Get(hdrFlush) == "1" {
+			return upTo, nil // the flush mark and what follows stay
+		}
 		keys = keys[:0]
 		if len(m.Data) > 0 {
 			for _, k := range bytes.Split(m.Data, []byte{'\n'}) {

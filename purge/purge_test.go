@@ -165,9 +165,6 @@ func TestDrain(t *testing.T) {
 	drained := make(chan error, 1)
 	go func() { drained <- p.Drain(ctx) }()
 	eventually(t, ctx, "x applied", func() bool { return f.count("x") == 1 })
-	if err := p.Handle(ctx, &bus.Batch{CommitLSN: 2, Keys: []string{"z"}}, newAck()); !errors.Is(err, purge.ErrClosed) {
-		t.Errorf("Handle while draining: got %v; want ErrClosed", err)
-	}
 	select {
 	case <-drained:
 		t.Fatal("Drain returned with a batch unfinished")
@@ -179,6 +176,9 @@ func TestDrain(t *testing.T) {
 	}
 	if !a.isAcked() {
 		t.Error("Drain returned before the batch was acked")
+	}
+	if err := p.Handle(ctx, &bus.Batch{CommitLSN: 2, Keys: []string{"z"}}, newAck()); !errors.Is(err, purge.ErrClosed) {
+		t.Errorf("Handle after Drain: got %v; want ErrClosed", err)
 	}
 	if err := done(); err != nil {
 		t.Errorf("Run after Drain: got %v; want nil", err)
