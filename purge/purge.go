@@ -6,8 +6,10 @@
 // deletes and retries failures with exponential backoff and jitter. A
 // batch is acked only when each of its keys is applied, or durably
 // recorded for a server that is down (see Backlog), so a dead server
-// holds up only its own keys. It leaves WAL decoding, message transport
-// and key placement to others.
+// holds up only its own keys. When the gate gives up on a lagging
+// replica, the batch is purged at once and again once the replica has
+// replayed its commit (see Replayer). It leaves WAL decoding, message
+// transport and key placement to others.
 package purge
 
 import (
