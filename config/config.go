@@ -104,8 +104,17 @@ type PurgeConfig struct {
 	Mode        string        `yaml:"mode"`        // delete (default) | stale
 	StaleTTL    time.Duration `yaml:"stale_ttl"`   // stale mode: T of md I; default 30s
 	GateMaxWait time.Duration `yaml:"gate_max_wait"`
-	Concurrency int           `yaml:"concurrency"` // keys in flight; default 256
-	Timeout     time.Duration `yaml:"timeout"`     // per memcached request; default 500ms
+	Concurrency int           `yaml:"concurrency"` // deprecated, ignored: each server has one pipelined worker
+	// RecordAfter: a server failing this long has its keys recorded in the
+	// DC's backlog stream until it returns. 0 means 2s.
+	RecordAfter time.Duration `yaml:"record_after"`
+	// MaxBacklogBytes bounds the keys recorded for one down server;
+	// past it the server is flushed when it returns. 0 means 64 MiB.
+	MaxBacklogBytes int64 `yaml:"max_backlog_bytes"`
+	// MaxBytes bounds the keys of the batches being applied at once. 0
+	// means 64 MiB.
+	MaxBytes int64         `yaml:"max_bytes"`
+	Timeout  time.Duration `yaml:"timeout"` // per memcached request; default 500ms
 }
 
 // MessagesConfig selects explicit invalidation messages.
@@ -252,8 +261,8 @@ func (c *Config) Validate() (*keys.Set, error) {
 		if p.Mode != "delete" && p.Mode != "stale" {
 			bad("purge.mode %q: want delete or stale", p.Mode)
 		}
-		if p.Timeout < 0 || p.GateMaxWait < 0 || p.StaleTTL < 0 || p.Concurrency < 0 {
-			bad("purge: durations and concurrency must not be negative")
+		if p.Timeout < 0 || p.GateMaxWait < 0 || p.StaleTTL < 0 || p.Concurrency < 0 || p.RecordAfter < 0 || p.MaxBacklogBytes < 0 || p.MaxBytes < 0 {
+			bad("purge: durations, sizes and concurrency must not be negative")
 		}
 	}
 	if len(c.Counters) > 0 {

@@ -64,7 +64,6 @@ func (d *daemon) Run(soft, hard context.Context) error {
 		return err
 	}
 	defer conn.Close()
-	js := conn.JetStream()
 
 	g, gctx := errgroup.WithContext(hard)
 	// A failing component stops the others softly too.
@@ -82,7 +81,7 @@ func (d *daemon) Run(soft, hard context.Context) error {
 	defer srv.Close()
 
 	if d.cfg.Purge != nil {
-		if err := d.runPurge(soft, gctx, g, js); err != nil {
+		if err := d.runPurge(soft, gctx, g, conn); err != nil {
 			return err
 		}
 	}

@@ -1,0 +1,201 @@
+package purge
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/mcpool"
+)
+
+// RoleConfig configures the purge role of one datacenter: its pool, its
+// replica (the gate), the purger, and the stream it consumes.
+type RoleConfig struct {
+	Purger Config
+	Pool   mcpool.Config
+	// Gate is the LSN gate; an empty DSN means no gate.
+	Gate GateConfig
+	// Stream is the invalidation stream to consume.
+	Stream string
+}
+
+// Role is the purge role: a durable consumer of the stream for this
+// datacenter, the purger with its backlog in JetStream, the gate and the
+// pool. Lifecycle: NewRole, then Run (blocks); Drain is the soft stop
+// (stop reading the stream, finish what was received); cancelling Run's
+// ctx is the hard stop (what is unacked comes again). Close releases what
+// Run did not, and is safe twice.
+type Role struct {
+	log    *zap.Logger
+	pool   *mcpool.Pool
+	gate   *Gate // nil without a replica DSN
+	purger *Purger
+	cons   *bus.Consumer
+
+	softOnce  sync.Once
+	soft      chan struct{} // closed by Drain
+	done      chan struct{} // closed when Run returns
+	closeOnce sync.Once
+}
+
+// NewRole validates cfg, builds the pool, the gate, the purger and the
+// consumer on js, and registers their metrics with reg.
+func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, log *zap.Logger) (*Role, error) {
+	dc := cfg.Purger.DC
+	pool, err := mcpool.New(cfg.Pool, log.Named("pool"))
+	if err != nil {
+		return nil, fmt.Errorf("%w: pool: %w", ErrConfig, err)
+	}
+	r := &Role{log: log, pool: pool, soft: make(chan struct{}), done: make(chan struct{})}
+	var gate Waiter
+	if cfg.Gate.DSN != "" {
+		if r.gate, err = NewGate(cfg.Gate, log.Named("gate")); err != nil {
+			pool.Close()
+			return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+		}
+		gate = r.gate
+	}
+	if r.purger, err = New(cfg.Purger, pool, gate, NewMetrics(reg, dc), log); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	// Keys of a memcached server that is down are recorded in this DC's
+	// JetStream (so their messages are acked and the other servers go on)
+	// and applied when it returns. With no placement the stream is created
+	// in the cluster of the NATS server the purger is connected to: its
+	// own DC's.
+	backlog, err := NewJetStreamBacklog(js, BacklogConfig{DC: dc})
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	r.purger.WithBacklog(backlog)
+	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
+	if r.cons, err = bus.NewConsumer(js, bus.ConsumerConfig{Stream: cfg.Stream, DC: dc}, log, func(error) { bad.Inc() }); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	if reg != nil {
+		reg.MustRegister(bad, newPoolCollector(dc, pool))
+		if r.gate != nil {
+			registerGate(reg, dc, r.gate)
+		}
+	}
+	return r, nil
+}
+
+// Run consumes and purges until Drain completes, ctx ends, or a
+// component fails.
+func (r *Role) Run(ctx context.Context) error {
+	defer close(r.done)
+	defer r.Close()
+	g, gctx := errgroup.WithContext(ctx)
+	// The gate and the purger's workers run until the purger has drained
+	// (soft stop) or the hard stop.
+	bctx, stopBack := context.WithCancel(gctx)
+	defer stopBack()
+	if r.gate != nil {
+		g.Go(func() error { return r.gate.Run(bctx) })
+	}
+	g.Go(func() error { return r.purger.Run(gctx) })
+	g.Go(func() error {
+		defer stopBack()
+		cctx, stop := context.WithCancel(gctx)
+		defer stop()
+		go func() {
+			select {
+			case <-r.soft:
+				stop()
+			case <-cctx.Done():
+			}
+		}()
+		err := r.cons.Run(cctx, func(dl *bus.Delivery) {
+			// An error (hard stop, purger closing) leaves the message
+			// unacked: it comes again.
+			_ = r.purger.Handle(gctx, dl.Batch, dl)
+		})
+		if derr := r.purger.Drain(gctx); derr != nil && err == nil && gctx.Err() == nil {
+			err = fmt.Errorf("drain purger: %w", derr)
+		}
+		r.purger.Close()
+		return err
+	})
+	return g.Wait()
+}
+
+// Drain is the soft stop; it returns when Run has, or when ctx ends.
+func (r *Role) Drain(ctx context.Context) error {
+	r.softOnce.Do(func() { close(r.soft) })
+	select {
+	case <-r.done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("purge: drain: %w", ctx.Err())
+	}
+}
+
+// Close closes the purger and the pool. Run calls it; it is safe again.
+func (r *Role) Close() {
+	r.closeOnce.Do(func() {
+		r.purger.Close()
+		_ = r.pool.Close()
+	})
+}
+
+// poolCollector exports the pool's per-server stats at scrape time.
+type poolCollector struct {
+	pool                                       *mcpool.Pool
+	state, requests, failures, rejected, conns *prometheus.Desc
+}
+
+func newPoolCollector(dc string, p *mcpool.Pool) *poolCollector {
+	l := []string{"server"}
+	c := prometheus.Labels{"dc": dc}
+	return &poolCollector{
+		pool:     p,
+		state:    prometheus.NewDesc("invalidator_breaker_state", "Circuit breaker per memcached server: 0 closed, 1 open, 2 half-open.", l, c),
+		requests: prometheus.NewDesc("invalidator_memcached_requests_total", "Requests sent per memcached server.", l, c),
+		failures: prometheus.NewDesc("invalidator_memcached_failures_total", "Failed requests per memcached server.", l, c),
+		rejected: prometheus.NewDesc("invalidator_memcached_rejected_total", "Requests failed fast by an open breaker.", l, c),
+		conns:    prometheus.NewDesc("invalidator_memcached_connections", "Connections up per memcached server.", l, c),
+	}
+}
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.state
+	ch <- c.requests
+	ch <- c.failures
+	ch <- c.rejected
+	ch <- c.conns
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, s := range c.pool.Stats() {
+		ch <- prometheus.MustNewConstMetric(c.state, prometheus.GaugeValue, float64(s.State), s.Addr)
+		ch <- prometheus.MustNewConstMetric(c.requests, prometheus.CounterValue, float64(s.Requests), s.Addr)
+		ch <- prometheus.MustNewConstMetric(c.failures, prometheus.CounterValue, float64(s.Failures), s.Addr)
+		ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected), s.Addr)
+		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(s.Conns), s.Addr)
+	}
+}
+
+func registerGate(reg prometheus.Registerer, dc string, g *Gate) {
+	c := prometheus.Labels{"dc": dc}
+	up := func() float64 {
+		if g.Up() {
+			return 1
+		}
+		return 0
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "invalidator_replica_replay_lsn", Help: "The DC replica's last replay LSN as a number.", ConstLabels: c},
+			func() float64 { return float64(g.Replayed()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "invalidator_replica_up", Help: "1 when the last poll of the DC replica succeeded.", ConstLabels: c}, up),
+	)
+}
