@@ -59,6 +59,7 @@ func Scenarios() []Scenario {
 		{Name: "c-partition-dc2", Fault: "cut every link of dc2 (gateways, replication) for Partition, heal", Inject: partition},
 		{Name: "d1-memcached-kill", Fault: "kill -9 one dc2 memcached for Outage, start it empty", Inject: memcachedDown(false)},
 		{Name: "d2-memcached-pause", Fault: "SIGSTOP one dc2 memcached for Outage, SIGCONT (data kept)", Inject: memcachedDown(true)},
+		{Name: "d3-memcached-paused-long", Fault: "SIGSTOP one dc1 memcached for 2 x Fault under the workload, SIGCONT (data kept): the other server's keys keep their latency, the paused one's are recorded and applied on its return", Inject: memcachedPausedLong},
 		{Name: "e-replica-lag", Fault: "pause replay on a replica (dc2, then dc1, ...) for Period, resume, repeatedly", Inject: replicaLag},
 		{Name: "f-primary-restart", Fault: "restart the Postgres primary (fast shutdown, start) twice", Inject: primaryRestart},
 		{Name: "g-slow-memcached", Fault: "50ms latency each way on dc1's first memcached link for Fault", Inject: slowMemcached},
@@ -153,6 +154,19 @@ func partition(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, e
 	}
 	sleep(ctx, t.Partition)
 	return 1, w.Env.Heal(dc)
+}
+
+// memcachedPausedLong pauses one of dc1's servers for twice the fault
+// time (80 s in the full form): long past the purger's RecordAfter, so
+// its keys go to the backlog while the live server's are purged as usual.
+func memcachedPausedLong(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
+	m := w.Env.DCs[0].Memcached[0]
+	log.Info("pause memcached", zap.String("server", m.Name), zap.Duration("for", 2*t.Fault))
+	if err := m.Pause(); err != nil {
+		return 0, err
+	}
+	sleep(ctx, 2*t.Fault)
+	return 1, m.Resume()
 }
 
 func memcachedDown(pause bool) func(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
