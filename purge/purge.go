@@ -485,6 +485,10 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 	progress := time.NewTicker(p.cfg.Progress)
 	defer progress.Stop()
 
+	if tg, ok := p.gate.(timelineWaiter); ok && len(keys) > 0 && b.Timeline > 0 {
+		// Positions are compared on the batch's timeline only.
+		_ = tg.WaitTimeline(ctx, b.Timeline)
+	}
 	if p.gate != nil && len(keys) > 0 {
 		begin := time.Now()
 		err := p.waitGate(ctx, b, d, progress.C)
