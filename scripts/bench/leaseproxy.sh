@@ -13,7 +13,8 @@
 # (a built leaseproxy instead of ./cmd/leaseproxy's), LEASEPROXY_REF_BIN
 # (another leaseproxy build, e.g. the code before a change: it runs as a
 # fourth target, "leaseproxy-ref", with the same config, takes its turns in
-# 1 and 2, and the medians of leaseproxy/leaseproxy-ref are printed too).
+# 1 and 2 (before leaseproxy in even rounds, after it in odd ones), and the
+# medians of leaseproxy/leaseproxy-ref are printed too).
 # Figures on a shared 2-core machine are only comparable within one run, so
 # 1 and 2 take turns between the targets, round after round, and report the
 # median over the rounds of each ratio taken within a round. The
@@ -99,7 +100,9 @@ RATIOS_N=(); RATIOS_M=(); RATIOS_R=()
 for r in $(seq "$ROUNDS"); do
 	declare -A TPS=()
 	line="round $r:"
-	for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "${LPTARGETS[@]}"; do
+	# With a reference build, the two leaseproxies swap places every round.
+	lpt=("${LPTARGETS[@]}"); [ $((r % 2)) -eq 0 ] && [ ${#lpt[@]} -eq 2 ] && lpt=("${lpt[1]}" "${lpt[0]}")
+	for t in "memcached=127.0.0.1:$M1,127.0.0.1:$M2=" "nutcracker=127.0.0.1:$NC=$NCPID" "${lpt[@]}"; do
 		name=${t%%=*}; rest=${t#*=}; addr=${rest%%=*}; pid=${rest#*=}
 		[ -n "$pid" ] && c0=$(cputicks "$pid")
 		out=$(memcaslap -s "$addr" -T 2 -c 32 -X 100 -t "${DUR}s" 2>&1)
@@ -131,7 +134,7 @@ echo "== latency: leaseproxyload -conns 32 -duration ${DUR}s (100-byte values, 9
 P99_RATIOS=(); P99_REF=()
 for r in $(seq "$ROUNDS"); do
 	out=$("$WORK/leaseproxyload" -mode mix -duration "${DUR}s" -conns 32 -size 100 \
-		-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,leaseproxy=127.0.0.1:$LP$LOADREF")
+		-targets "memcached=127.0.0.1:$M1,nutcracker=127.0.0.1:$NC,$(if [ -n "$LOADREF" ] && [ $((r % 2)) -eq 0 ]; then echo "${LOADREF#,},leaseproxy=127.0.0.1:$LP"; else echo "leaseproxy=127.0.0.1:$LP$LOADREF"; fi)")
 	echo "$out" | sed "s/^/round $r: /"
 	[ -n "$LOADREF" ] && P99_REF+=("$(echo "$out" | awk '$1 == "leaseproxy-ref" { r = $4 } $1 == "leaseproxy" { l = $4 } END { printf "%.3f", l/r }')")
 	P99_RATIOS+=("$(echo "$out" | awk '$1 == "nutcracker" { n = $4 } $1 == "leaseproxy" { l = $4 } END { printf "%.3f", l/n }')")
