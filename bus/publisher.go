@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -183,6 +184,8 @@ type Publisher struct {
 	txTime   time.Time
 	closed   bool
 
+	timeline atomic.Uint32 // the primary's timeline, written in every batch
+
 	statsMu sync.Mutex // guards stats
 	stats   PublisherStats
 }
@@ -321,6 +324,7 @@ func (p *Publisher) flushIdle(ctx context.Context, age time.Duration) error {
 func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
 	b := p.cur
 	b.Origin = p.cfg.Origin
+	b.Timeline = p.timeline.Load()
 	b.Final = final
 	b.Part = p.part
 	if !final {
@@ -523,6 +527,10 @@ func (p *Publisher) Drain(ctx context.Context) error {
 		return fmt.Errorf("drain publisher: %w", ctx.Err())
 	}
 }
+
+// SetTimeline sets the primary's timeline, written in every batch from
+// now on (see Batch.Timeline).
+func (p *Publisher) SetTimeline(tli uint32) { p.timeline.Store(tli) }
 
 // Announce publishes b on its own, outside the batches, and waits until
 // JetStream stores it, retrying until ctx ends: the announcement of a

@@ -42,6 +42,10 @@ type Gate struct {
 	urgent  atomic.Int64 // the Waits (a batch held back): poll at Poll
 	wake    chan struct{}
 	up      atomic.Bool
+	tli     atomic.Uint32 // the replica's timeline when last read (WaitTimeline)
+	// tliGaveUp is until when (Unix ns) WaitTimeline gives up at once,
+	// after a wait timed out.
+	tliGaveUp atomic.Int64
 
 	mu       sync.Mutex // guards replayed, changed, lagging, lagTarget, gaveUp
 	replayed uint64

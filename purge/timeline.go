@@ -29,8 +29,13 @@ type timelineWaiter interface {
 // rows at any position, so positions are only compared once it follows
 // the new primary.
 func (g *Gate) WaitTimeline(ctx context.Context, tli uint32) error {
-	if tli == 0 {
-		return nil
+	if tli == 0 || g.tli.Load() >= tli {
+		return nil // the hot path: the replica is known to follow it
+	}
+	if until := g.tliGaveUp.Load(); until != 0 && time.Now().UnixNano() < until {
+		// A wait timed out a moment ago: the batches behind it do not
+		// each wait their own MaxWait in turn.
+		return fmt.Errorf("%w: want %d (a wait just timed out)", ErrTimelineTimeout, tli)
 	}
 	ctx, cancel := context.WithTimeout(ctx, g.cfg.MaxWait)
 	defer cancel()
@@ -42,6 +47,7 @@ func (g *Gate) WaitTimeline(ctx context.Context, tli uint32) error {
 		}
 		last = cur
 		if backoff.Wait(ctx, 100*time.Millisecond) != nil {
+			g.tliGaveUp.Store(time.Now().Add(g.cfg.MaxWait).UnixNano())
 			g.log.Warn("the replica does not follow the new primary's timeline yet; purging anyway: until it is repointed, a refill from it may cache a row the new primary lacks",
 				zap.Uint32("want", tli), zap.Uint32("replica", last), zap.Error(err))
 			return fmt.Errorf("%w: want %d, replica on %d", ErrTimelineTimeout, tli, last)
@@ -50,7 +56,7 @@ func (g *Gate) WaitTimeline(ctx context.Context, tli uint32) error {
 }
 
 // timeline reads the timeline the replica follows (a primary's own).
-func (g *Gate) timeline(ctx context.Context) (uint32, error) {
+func (g *Gate) timeline(ctx context.Context) (_ uint32, err error) {
 	qctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(qctx, g.cfg.DSN)
@@ -59,8 +65,13 @@ func (g *Gate) timeline(ctx context.Context) (uint32, error) {
 	}
 	defer conn.Close(context.Background())
 	var tli int64
+	defer func() {
+		if err == nil {
+			g.tli.Store(uint32(tli))
+		}
+	}()
 	err = conn.QueryRow(qctx, `SELECT CASE WHEN pg_is_in_recovery()
-			THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), 0)
+			THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), (SELECT timeline_id FROM pg_control_checkpoint()))
 			ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END`).Scan(&tli)
 	return uint32(tli), err
 }

@@ -44,6 +44,7 @@ func (r *Role) checkSlot(ctx context.Context) (lost bool, err error) {
 		return false, fmt.Errorf("identify the primary: %w", err)
 	}
 	r.system = sys
+	r.pub.SetTimeline(sys.Timeline)
 	st, ran, err := bus.LoadTailState(ctx, r.js, c.Publisher.Stream.Placement, c.Publisher.Stream.Name, c.WAL.Slot)
 	if err != nil {
 		return false, err

@@ -32,6 +32,7 @@ func (r *Role) onTimeline(ctx context.Context, sw wal.TimelineSwitch) error {
 	r.stateMu.Lock()
 	r.system.Timeline = sw.To
 	r.stateMu.Unlock()
+	r.pub.SetTimeline(sw.To)
 	return nil
 }
 
