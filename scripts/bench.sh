@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
 echo "== Go micro-benchmarks: key rendering, pgoutput decoding, meta pool vs gomemcache"
 go test -run '^$' -bench . -benchmem -count 1 ./keys/ ./wal/ ./mcpool/
-echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS"
+echo "== the purger alone over two real memcached (issue 16): 10-key batches, pipelined quiet deletes per server"
+go test -run '^$' -bench Purger -benchtime 100000x ./purge/
+echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS, refill after a pool flush with and without leaseproxy"
 go test -run '^$' -bench . -benchtime 1x -timeout 30m ./bench/
 echo "== counters (issue 5): deltas absorbed by the batcher, and the batcher vs one UPDATE per event at the same rate"
 go test -run '^$' -bench Absorb -benchtime 1000000x ./counterstore/
