@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/pgcache/pgcache/bus"
+	"github.com/pgcache/pgcache/lifecycle"
 	"github.com/pgcache/pgcache/mcpool"
 )
 
@@ -38,9 +39,7 @@ type Role struct {
 	purger *Purger
 	cons   *bus.Consumer
 
-	softOnce  sync.Once
-	soft      chan struct{} // closed by Drain
-	done      chan struct{} // closed when Run returns
+	soft      *lifecycle.Soft
 	closeOnce sync.Once
 }
 
@@ -52,7 +51,7 @@ func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, 
 	if err != nil {
 		return nil, fmt.Errorf("%w: pool: %w", ErrConfig, err)
 	}
-	r := &Role{log: log, pool: pool, soft: make(chan struct{}), done: make(chan struct{})}
+	r := &Role{log: log, pool: pool, soft: lifecycle.New("purge")}
 	var gate Waiter
 	if cfg.Gate.DSN != "" {
 		if r.gate, err = NewGate(cfg.Gate, log.Named("gate")); err != nil {
@@ -93,7 +92,7 @@ func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, 
 // Run consumes and purges until Drain completes, ctx ends, or a
 // component fails.
 func (r *Role) Run(ctx context.Context) error {
-	defer close(r.done)
+	defer r.soft.Stopped()
 	defer r.Close()
 	g, gctx := errgroup.WithContext(ctx)
 	// The gate and the purger's workers run until the purger has drained
@@ -110,7 +109,7 @@ func (r *Role) Run(ctx context.Context) error {
 		defer stop()
 		go func() {
 			select {
-			case <-r.soft:
+			case <-r.soft.Draining():
 				stop()
 			case <-cctx.Done():
 			}
@@ -130,15 +129,7 @@ func (r *Role) Run(ctx context.Context) error {
 }
 
 // Drain is the soft stop; it returns when Run has, or when ctx ends.
-func (r *Role) Drain(ctx context.Context) error {
-	r.softOnce.Do(func() { close(r.soft) })
-	select {
-	case <-r.done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("purge: drain: %w", ctx.Err())
-	}
-}
+func (r *Role) Drain(ctx context.Context) error { return r.soft.Drain(ctx) }
 
 // Close closes the purger and the pool. Run calls it; it is safe again.
 func (r *Role) Close() {

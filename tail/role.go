@@ -19,6 +19,7 @@ import (
 	"github.com/pgcache/pgcache/counters"
 	"github.com/pgcache/pgcache/counterstore"
 	"github.com/pgcache/pgcache/keys"
+	"github.com/pgcache/pgcache/lifecycle"
 	"github.com/pgcache/pgcache/wal"
 )
 
@@ -110,9 +111,7 @@ type Role struct {
 	// primary is shutting down or unreachable.
 	goingAway chan struct{}
 
-	softOnce  sync.Once
-	soft      chan struct{} // closed by Drain
-	done      chan struct{} // closed when Run returns
+	soft      *lifecycle.Soft
 	closeOnce sync.Once
 }
 
@@ -160,7 +159,7 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 		return nil, err
 	}
 	r := &Role{cfg: cfg, js: js, log: log, reg: reg, stream: stream, pub: pub, store: store,
-		ready: make(chan struct{}), soft: make(chan struct{}), done: make(chan struct{}), goingAway: make(chan struct{}, 1)}
+		ready: make(chan struct{}), soft: lifecycle.New("tail"), goingAway: make(chan struct{}, 1)}
 	role = r
 	r.slotLost = prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_slot_losses_total",
 		Help: "Times this process found its replication slot lost (missing after it ran before, or invalidated)."})
@@ -201,7 +200,7 @@ func (r *Role) Stats() wal.Stats { return r.stream.Stats() }
 // Run sets up and runs the role until Drain completes (nil), ctx ends
 // (nil), or a component fails.
 func (r *Role) Run(ctx context.Context) error {
-	defer close(r.done)
+	defer r.soft.Stopped()
 	defer r.Close()
 	if err := r.setup(ctx); err != nil {
 		return err
@@ -257,15 +256,7 @@ func (r *Role) Run(ctx context.Context) error {
 }
 
 // Drain is the soft stop; it returns when Run has, or when ctx ends.
-func (r *Role) Drain(ctx context.Context) error {
-	r.softOnce.Do(func() { close(r.soft) })
-	select {
-	case <-r.done:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("tail: drain: %w", ctx.Err())
-	}
-}
+func (r *Role) Drain(ctx context.Context) error { return r.soft.Drain(ctx) }
 
 // Close releases the counter store's connection. Run calls it; it is
 // safe to call again.
@@ -367,7 +358,7 @@ func (r *Role) runStream(ctx context.Context) error {
 				}
 				close(released)
 				cancel()
-			case <-r.soft:
+			case <-r.soft.Draining():
 				cancel()
 			case <-sctx.Done():
 			}
@@ -393,7 +384,7 @@ func (r *Role) runStream(ctx context.Context) error {
 			return err
 		}
 		select {
-		case <-r.soft:
+		case <-r.soft.Draining():
 			return nil
 		default:
 		}
