@@ -34,11 +34,12 @@ func TestDeadServerUnderLoad(t *testing.T) {
 		perRound = 30 // 150 batches/s
 		// Live keys are checked every round (a check that fails, on a
 		// machine too busy to answer in time, is retried next round).
-		// The p99 may not exceed a second, and no key may wait longer
-		// than maxLive: the old purger held them for the whole outage
-		// (37 to 46 s in issue 13).
-		maxLiveP99 = time.Second
-		maxLive    = 5 * time.Second
+		// These bounds tell a stall from a busy machine, not a speed:
+		// the old purger held live keys for the whole outage (37 to
+		// 46 s in issue 13); the latency itself is logged (p99 about
+		// 0.3 s on a quiet machine, 1 to 2 s with other tests running).
+		maxLiveP99 = 5 * time.Second
+		maxLive    = 15 * time.Second
 	)
 	env := testenv.New(t, testenv.Options{NoPostgres: true}) // two DCs: JetStream wants its gateway peer
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
