@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -624,7 +625,19 @@ func (w *World) Scan(ctx context.Context, maxID int64) ([]StaleKey, error) {
 	var out []StaleKey
 	for _, dc := range w.Env.DCs[:2] {
 		for i, p := range w.direct[dc.Name] {
-			resps, errs := p.MetaGetMulti(ctx, keys, "v")
+			// A server just restarted (or resumed) may take a moment
+			// before the pool reconnects and its breaker closes: read it
+			// again for up to 30 s before the scan fails.
+			var resps []mcpool.Response
+			var errs []error
+			for deadline := time.Now().Add(30 * time.Second); ; {
+				resps, errs = p.MetaGetMulti(ctx, keys, "v")
+				failed := slices.IndexFunc(errs, func(err error) bool { return err != nil })
+				if failed < 0 || !mcpool.Retryable(errs[failed]) || time.Now().After(deadline) || ctx.Err() != nil {
+					break
+				}
+				sleep(ctx, 200*time.Millisecond)
+			}
 			for j, r := range resps {
 				if errs[j] != nil {
 					return nil, fmt.Errorf("scan %s %s %s: %w", dc.Name, dc.Memcached[i].Addr, keys[j], errs[j])
