@@ -438,13 +438,7 @@ func keysOn(p *Pool, i, n int, prefix string) []string {
 // eventually polls cond until it holds or the test's minute runs out.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("gave up waiting for: %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	testenv.Eventually(t, 30*time.Second, what, cond)
 }
 
 // TestKillServer kills one server: its keys fail fast (server down, then
