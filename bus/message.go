@@ -123,7 +123,9 @@ func (b *Batch) MsgID() string {
 		h.Write([]byte{0})
 	}
 	if b.Flush {
-		return fmt.Sprintf("flush-%s-%X", b.Origin, b.CommitLSN)
+		// No origin: two tail processes that both see the slot lost
+		// announce the flush of the same new slot, stored once.
+		return fmt.Sprintf("flush-%X", b.CommitLSN)
 	}
 	return fmt.Sprintf("%s-%X-%X-%d-%x", b.Origin, b.CommitLSN, b.EndLSN, b.Part, h.Sum64())
 }
