@@ -237,7 +237,11 @@ func primaryFailover(ctx context.Context, w *World, t Timing, log *zap.Logger) (
 	if err != nil {
 		return 0, err
 	}
-	w.failedOver = &failedOver{oldPort: fo.OldPrimary.Port, switchLSN: parseLSN(fo.SwitchLSN)}
+	switchLSN, err := testenv.ParseLSN(fo.SwitchLSN)
+	if err != nil {
+		return 1, err
+	}
+	w.failedOver = &failedOver{oldPort: fo.OldPrimary.Port, switchLSN: switchLSN}
 	log.Info("failed over", zap.String("new_primary", fo.NewPrimary.Name), zap.Uint32("timeline", fo.Timeline),
 		zap.String("switch_lsn", fo.SwitchLSN), zap.Duration("promoted_in", fo.Promoted))
 	sleep(ctx, t.Period)

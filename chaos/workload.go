@@ -5,13 +5,13 @@ import (
 	"errors"
 	"math/rand/v2"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/bradfitz/gomemcache/memcache"
 	"github.com/jackc/pgx/v5"
+	"github.com/pgcache/pgcache/testenv"
 )
 
 // WorkloadConfig configures a Workload.
@@ -142,25 +142,11 @@ func (w *Workload) wrote(ctx context.Context, db *connPool, key string) {
 	var mark WriteMark
 	var lsn string
 	if err := db.queryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text, inet_server_port()`, nil, &lsn, &mark.Port); err == nil {
-		mark.LSN = parseLSN(lsn)
+		mark.LSN, _ = testenv.ParseLSN(lsn) // 0 when unreadable
 	}
 	w.mu.Lock()
 	w.written[key] = append(w.written[key], mark)
 	w.mu.Unlock()
-}
-
-// parseLSN parses pg_lsn text ("16/B374D848"); 0 when it cannot.
-func parseLSN(s string) uint64 {
-	hi, lo, ok := strings.Cut(s, "/")
-	if !ok {
-		return 0
-	}
-	h, err1 := strconv.ParseUint(hi, 16, 32)
-	l, err2 := strconv.ParseUint(lo, 16, 32)
-	if err1 != nil || err2 != nil {
-		return 0
-	}
-	return h<<32 | l
 }
 
 // Run runs writers and readers until ctx ends. Errors (a server down

@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/pgcache/pgcache/backoff"
 	"github.com/pgcache/pgcache/bus"
 	"github.com/pgcache/pgcache/wal"
@@ -65,9 +66,9 @@ func (r *Role) checkSlot(ctx context.Context) (lost bool, err error) {
 	r.slotLost.Inc()
 	r.log.Error("the replication slot was lost: changes committed since its last confirmed position can never be invalidated from the WAL",
 		zap.String("slot", c.WAL.Slot), zap.Bool("exists", info.Exists), zap.String("wal_status", info.WALStatus),
-		zap.Stringer("last_confirmed", lsnString(st.ConfirmedLSN)), zap.String("on_slot_loss", c.OnSlotLoss))
+		zap.Stringer("last_confirmed", pglogrepl.LSN(st.ConfirmedLSN)), zap.String("on_slot_loss", c.OnSlotLoss))
 	if c.OnSlotLoss != SlotLossFlush {
-		return true, fmt.Errorf("%w: slot %q (last confirmed %s); %s", ErrSlotLost, c.WAL.Slot, lsnString(st.ConfirmedLSN), slotLossAdvice)
+		return true, fmt.Errorf("%w: slot %q (last confirmed %s); %s", ErrSlotLost, c.WAL.Slot, pglogrepl.LSN(st.ConfirmedLSN), slotLossAdvice)
 	}
 	if info.Exists {
 		if err := r.stream.DropSlot(ctx); err != nil {
@@ -93,7 +94,7 @@ func (r *Role) recover(ctx context.Context) error {
 	r.stateMu.Lock()
 	r.state.Flushes++
 	r.stateMu.Unlock()
-	r.log.Warn("announced a flush of every datacenter's pool after the slot loss", zap.Stringer("new_slot_from", lsnString(from)))
+	r.log.Warn("announced a flush of every datacenter's pool after the slot loss", zap.Stringer("new_slot_from", pglogrepl.LSN(from)))
 	if r.batcher != nil {
 		for _, name := range r.cfg.Counters.Names() {
 			c := r.cfg.Counters.Counter(name)
@@ -138,7 +139,3 @@ func (r *Role) keepState(ctx context.Context, interval time.Duration) {
 		cancel()
 	}
 }
-
-type lsnString uint64
-
-func (l lsnString) String() string { return fmt.Sprintf("%X/%X", uint64(l)>>32, uint32(l)) }

@@ -177,7 +177,7 @@ func (e *Env) Failover(ctx context.Context, opts FailoverOptions) (*Failover, er
 	if n := len(f.History); n > 0 {
 		f.SwitchLSN = f.History[n-1].SwitchLSN
 	}
-	switchAt, err := parseLSN(f.SwitchLSN)
+	switchAt, err := ParseLSN(f.SwitchLSN)
 	if err != nil {
 		return nil, fmt.Errorf("failover: %w", err)
 	}
@@ -246,7 +246,7 @@ func receivedLSNs(ctx context.Context, replicas []*Postgres) (map[*Postgres]uint
 		if err := r.QueryRow(ctx, `SELECT coalesce(greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), '0/0')::text`, &s); err != nil {
 			return nil, err
 		}
-		lsn, err := parseLSN(s)
+		lsn, err := ParseLSN(s)
 		if err != nil {
 			return nil, err
 		}
@@ -255,8 +255,8 @@ func receivedLSNs(ctx context.Context, replicas []*Postgres) (map[*Postgres]uint
 	return out, nil
 }
 
-// parseLSN parses pg_lsn text, "16/B374D848".
-func parseLSN(s string) (uint64, error) {
+// ParseLSN parses pg_lsn text ("16/B374D848").
+func ParseLSN(s string) (uint64, error) {
 	hi, lo, ok := strings.Cut(s, "/")
 	if !ok || !isHex(hi) || !isHex(lo) {
 		return 0, fmt.Errorf("testenv: bad LSN %q", s)
