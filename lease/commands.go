@@ -319,8 +319,13 @@ func (c *conn) touchResult(ctx context.Context, key string, r *getResult, touch 
 // VALUE line and data when found. A lease the read won for the client is
 // remembered on this connection, for its fill.
 func (c *conn) writeResult(key string, r *getResult, withCAS bool) {
-	if r.lease != 0 {
+	switch {
+	case r.lease != 0:
 		c.bind(key, boundLease{cas: r.lease, unrecorded: r.unrecorded})
+	case r.waited:
+		c.bind(key, boundLease{waited: true})
+	default:
+		c.unbindWaited(key)
 	}
 	if !r.found {
 		c.s.st.misses.Add(1)

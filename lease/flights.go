@@ -317,7 +317,7 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 		if l.leave(key, f, w) {
 			l.st.waitTimeouts.Add(1)
 			l.st.observeWait(l.now().Sub(start))
-			return getResult{}, nil
+			return getResult{waited: true}, nil
 		}
 		o = l.outcomeOf(f, w) // an outcome came as the timer fired
 	case <-ctx.Done():

@@ -34,6 +34,10 @@ type getResult struct {
 	lease uint64
 	// unrecorded: the lease's record could not be written to memcached.
 	unrecorded bool
+	// waited: a miss because the read's wait for another client's fill
+	// (Lease.Wait) ran out. The client's set that follows is not a fill
+	// (see boundLease.waited).
+	waited bool
 }
 
 type outcomeKind uint8

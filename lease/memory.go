@@ -203,10 +203,16 @@ func (l *leaser) consumeRecord(key string, cas uint64) {
 }
 
 // boundLease is the lease a connection's client got for a key: its CAS
-// (0: none), and whether its record could not be written.
+// (0: none), and whether its record could not be written. Or, with
+// waited, no lease: the client's read of the key got a miss because its
+// wait for another client's fill ran out (Lease.Wait).
 type boundLease struct {
 	cas        uint64
 	unrecorded bool
+	// waited: the client got a miss at the end of its wait for another
+	// client's lease. Its set of the key within Lease.TTL of that miss
+	// is refused at once (see fill).
+	waited bool
 }
 
 // fill stores value for a set (add: an add) of key if a lease governs
@@ -225,6 +231,18 @@ type boundLease struct {
 func (l *leaser) fill(ctx context.Context, key string, bound boundLease, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
 	if !l.enabled() {
 		return fillPlain, nil
+	}
+	if bound.waited {
+		// The client waited for another client's fill, got a miss at the
+		// end of Lease.Wait, and filled itself: its set is not the
+		// lease's fill, which the lease's winner is making (a herd whose
+		// fill is slower than Lease.Wait). It is refused here, with no
+		// request to memcached: a herd of N such sets would otherwise
+		// cost N record reads and stores on the key's server, enough to
+		// time out its connection and open its breaker.
+		l.st.refused.Add(1)
+		l.st.refusedWaited.Add(1)
+		return fillRefused, nil
 	}
 	local, hadLocal := l.take(key)
 	if bound.cas != 0 {
@@ -388,10 +406,27 @@ func (c *conn) takeBinding(key string) boundLease {
 	}
 	delete(c.leases, key)
 	l := c.s.l
-	if b.epoch != l.epoch.Load() || l.now().UnixNano()-b.at >= int64(l.cfg.memory()) {
+	keep := l.cfg.memory()
+	if b.waited {
+		keep = l.cfg.TTL // the lease it waited for is over by then
+	}
+	if b.epoch != l.epoch.Load() || l.now().UnixNano()-b.at >= int64(keep) {
 		return boundLease{}
 	}
 	return b.boundLease
+}
+
+// unbindWaited forgets that this connection's client got a miss after a
+// wait for key (boundLease.waited), when a later read of key answered
+// otherwise: its set is then an ordinary one again. A lease it got is
+// kept.
+func (c *conn) unbindWaited(key string) {
+	if len(c.leases) == 0 {
+		return
+	}
+	if b, ok := c.leases[key]; ok && b.waited {
+		delete(c.leases, key)
+	}
 }
 
 // flushed forgets every lease this proxy handed out, after a flush_all

@@ -35,6 +35,7 @@ type Stats struct {
 	CheckFailures     uint64 // lease record lookups that failed (fill refused)
 	BrokenLeases      uint64 // leases won while an earlier lease of the key was still outstanding (its record marked broken)
 	RefusedBroken     uint64 // of the refused fills, sets refused because the key's record was broken
+	RefusedWaited     uint64 // of the refused fills, sets refused at once because their client got a miss at the end of a wait for another client's fill
 
 	ProtocolErrors uint64 // bad command lines
 	BackendErrors  uint64 // pool requests that failed
@@ -49,7 +50,7 @@ type counters struct {
 	hits, misses                                                     atomic.Uint64
 	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
-	broken, refusedBroken, takeovers                                 atomic.Uint64
+	broken, refusedBroken, refusedWaited, takeovers                  atomic.Uint64
 	protocolErrors, backendErrors, writeTimeouts                     atomic.Uint64
 
 	// waitBuckets[i] counts waits of at most waitBounds[i]; the last one
@@ -104,6 +105,7 @@ func (c *counters) snapshot() Stats {
 		CheckFailures:     c.checkFailed.Load(),
 		BrokenLeases:      c.broken.Load(),
 		RefusedBroken:     c.refusedBroken.Load(),
+		RefusedWaited:     c.refusedWaited.Load(),
 		ProtocolErrors:    c.protocolErrors.Load(),
 		BackendErrors:     c.backendErrors.Load(),
 		WriteTimeouts:     c.writeTimeouts.Load(),
@@ -140,6 +142,7 @@ func (s Stats) statLines() [][2]string {
 		{"lease_check_failures", u(s.CheckFailures)},
 		{"lease_broken", u(s.BrokenLeases)},
 		{"lease_refused_broken", u(s.RefusedBroken)},
+		{"lease_refused_waited", u(s.RefusedWaited)},
 		{"protocol_errors", u(s.ProtocolErrors)},
 		{"backend_errors", u(s.BackendErrors)},
 		{"write_timeouts", u(s.WriteTimeouts)},
