@@ -25,7 +25,12 @@ type Options struct {
 	MemcachedPerDC int  // memcached servers per DC; 0 means 2, negative means none
 	NoReplicas     bool // start no replicas (a primary only)
 	NoNATS         bool // start no NATS servers
-	NoPostgres     bool // start no Postgres at all (implies NoReplicas)
+	// NATSPerDC is the number of NATS servers in each DC's cluster: 0
+	// means 1, an embedded server. With more, each runs as a process (Kill
+	// is kill -9), routed to the others of its DC in a cluster named after
+	// the DC.
+	NATSPerDC  int
+	NoPostgres bool // start no Postgres at all (implies NoReplicas)
 	// PGVersion is the PostgreSQL major version: 0 means $PGCACHE_PG, or
 	// the system's when that is unset; 17 is scripts/setup.sh's npm build.
 	PGVersion int
@@ -35,8 +40,10 @@ type Options struct {
 type DC struct {
 	Name      string // dc1, dc2, ...
 	Replica   *Postgres
-	NATS      *NATS
+	NATS      *NATS // the first NATS server: NATSServers[0]
 	Memcached []*Memcached
+	// NATSServers are every NATS server of the DC's cluster.
+	NATSServers []*NATS
 
 	// ReplLink carries the replica's replication connection to the primary.
 	ReplLink *Link
@@ -149,7 +156,7 @@ func Start(ctx context.Context, opts Options) (env *Env, err error) {
 		if opts.NoNATS {
 			return nil
 		}
-		return e.startNATS(gctx)
+		return e.startNATS(gctx, opts.NATSPerDC)
 	})
 	if err := g.Wait(); err != nil {
 		return nil, err
@@ -157,56 +164,96 @@ func Start(ctx context.Context, opts Options) (env *Env, err error) {
 	return e, nil
 }
 
-// startNATS starts one server per DC. Every ordered pair of DCs (a, b) gets
-// its own link, which a uses to reach b's gateway; cutting a DC cuts every
-// link to and from it. Each server advertises the address its first peer
-// uses to reach it, so that gossip never teaches a peer a direct route
-// around the links. With more than two DCs a third DC may learn that
-// address too, so a cut of one DC can also slow the others' reconnects.
-func (e *Env) startNATS(ctx context.Context) error {
-	for _, dc := range e.DCs {
-		n, err := newNATS(dc.Name, filepath.Join(e.Dir, dc.Name, "nats"))
-		if err != nil {
+// startNATS starts per servers per DC (0 means 1). Every DC a gets its own
+// link to each server s of every other DC, which a uses to reach s's
+// gateway; cutting a DC cuts every link to and from it. Each server
+// advertises the address its first peer DC uses to reach it, so that
+// gossip never teaches a peer a direct route around the links. With more
+// than two DCs a third DC may learn that address too, so a cut of one DC
+// can also slow the others' reconnects. Routes within a DC's cluster are
+// direct.
+func (e *Env) startNATS(ctx context.Context, per int) error {
+	if per <= 0 {
+		per = 1
+	}
+	var bin string
+	if per > 1 {
+		var err error
+		if bin, err = NATSServerBinary(ctx); err != nil {
 			return err
 		}
-		dc.NATS = n
 	}
-	// pair[a][b] is the link that a uses to reach b.
-	pair := map[string]map[string]*Link{}
+	for _, dc := range e.DCs {
+		var routes []int
+		for i := 1; i <= per; i++ {
+			var n *NATS
+			var err error
+			if per == 1 {
+				n, err = newNATS(dc.Name, filepath.Join(e.Dir, dc.Name, "nats"))
+			} else {
+				name := fmt.Sprintf("%s-nats%d", dc.Name, i)
+				n, err = newNATSProcess(name, dc.Name, filepath.Join(e.Dir, dc.Name, name), bin)
+			}
+			if err != nil {
+				return err
+			}
+			dc.NATSServers = append(dc.NATSServers, n)
+			if n.ext != nil {
+				routes = append(routes, n.ext.clusterPort)
+			}
+		}
+		dc.NATS = dc.NATSServers[0]
+		for _, n := range dc.NATSServers {
+			if n.ext != nil {
+				n.ext.routes = routes
+			}
+		}
+	}
+	// pair[a][s] is the link that DC a uses to reach server s.
+	pair := map[string]map[*NATS]*Link{}
 	for _, a := range e.DCs {
-		pair[a.Name] = map[string]*Link{}
+		pair[a.Name] = map[*NATS]*Link{}
 		for _, b := range e.DCs {
 			if a == b {
 				continue
 			}
-			l, err := StartLink(a.Name+"-to-"+b.Name+"-gateway", fmt.Sprintf("127.0.0.1:%d", b.NATS.GWPort))
-			if err != nil {
-				return err
+			for _, s := range b.NATSServers {
+				name := a.Name + "-to-" + s.Name + "-gateway"
+				l, err := StartLink(name, fmt.Sprintf("127.0.0.1:%d", s.GWPort))
+				if err != nil {
+					return err
+				}
+				pair[a.Name][s] = l
+				a.GatewayLinks = append(a.GatewayLinks, l)
+				b.GatewayLinks = append(b.GatewayLinks, l)
 			}
-			pair[a.Name][b.Name] = l
-			a.GatewayLinks = append(a.GatewayLinks, l)
-			b.GatewayLinks = append(b.GatewayLinks, l)
 		}
 	}
 	for _, b := range e.DCs {
-		remotes := map[string]string{}
-		advertise := ""
-		for _, a := range e.DCs {
-			if a == b {
-				continue
+		for _, s := range b.NATSServers {
+			remotes := map[string][]string{}
+			advertise := ""
+			for _, a := range e.DCs {
+				if a == b {
+					continue
+				}
+				for _, r := range a.NATSServers {
+					remotes[a.Name] = append(remotes[a.Name], pair[b.Name][r].Addr)
+				}
+				if advertise == "" {
+					advertise = pair[a.Name][s].Addr
+				}
 			}
-			remotes[a.Name] = pair[b.Name][a.Name].Addr
-			if advertise == "" {
-				advertise = pair[a.Name][b.Name].Addr
+			if err := s.setGateways(advertise, remotes); err != nil {
+				return err
 			}
-		}
-		if err := b.NATS.setGateways(advertise, remotes); err != nil {
-			return err
 		}
 	}
 	g := errgroup.Group{}
 	for _, dc := range e.DCs {
-		g.Go(dc.NATS.Start)
+		for _, n := range dc.NATSServers {
+			g.Go(n.Start)
+		}
 	}
 	if err := g.Wait(); err != nil {
 		return err
@@ -214,7 +261,9 @@ func (e *Env) startNATS(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	for _, dc := range e.DCs {
-		g.Go(func() error { return dc.NATS.WaitJetStream(ctx) })
+		for _, n := range dc.NATSServers {
+			g.Go(func() error { return n.WaitJetStream(ctx) })
+		}
 	}
 	return g.Wait()
 }
@@ -294,8 +343,8 @@ func (e *Env) SetLatency(dc string, d time.Duration) error {
 func (e *Env) Close() error {
 	var errs []error
 	for _, dc := range e.DCs {
-		if dc.NATS != nil {
-			errs = append(errs, dc.NATS.Close())
+		for _, n := range dc.NATSServers {
+			errs = append(errs, n.Close())
 		}
 	}
 	for _, dc := range e.DCs {
@@ -341,6 +390,9 @@ func (e *Env) PIDs() []int {
 		for _, m := range dc.Memcached {
 			add(m.PID())
 		}
+		for _, n := range dc.NATSServers {
+			add(n.PID()) // 0 (skipped) for an embedded server
+		}
 	}
 	return out
 }
@@ -355,8 +407,8 @@ func (e *Env) Describe() string {
 		if dc.Replica != nil {
 			fmt.Fprintf(&b, "%s replica      %s  (replication via link %s)\n", dc.Name, dc.Replica.DSN(""), dc.ReplLink.Addr)
 		}
-		if dc.NATS != nil {
-			fmt.Fprintf(&b, "%s nats         %s  (gateway port %d)\n", dc.Name, dc.NATS.URL(), dc.NATS.GWPort)
+		for _, n := range dc.NATSServers {
+			fmt.Fprintf(&b, "%s nats         %s  (server %s, gateway port %d)\n", dc.Name, n.URL(), n.Name, n.GWPort)
 		}
 		for _, m := range dc.Memcached {
 			fmt.Fprintf(&b, "%s memcached    %s\n", dc.Name, m.Addr)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -16,17 +17,21 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// NATS is one nats-server with JetStream, embedded in this process. Its
-// gateway joins it to the other datacenters' servers into a supercluster.
-// Stop and Kill both shut the server down (an in-process server cannot be
-// sent kill -9); Start brings it back on the same ports with the same
-// JetStream store.
+// NATS is one nats-server with JetStream. Its gateway joins it to the
+// other datacenters' servers into a supercluster. A DC with one server
+// (Options.NATSPerDC 0 or 1) embeds it in this process: Stop and Kill both
+// shut it down, since an in-process server cannot be sent kill -9. A DC
+// with several runs each as a child process (see natscluster.go): Kill is
+// SIGKILL, Stop is SIGTERM. Either way Start brings the server back on the
+// same ports with the same JetStream store.
 type NATS struct {
-	Name   string
-	Port   int // client port
-	GWPort int // gateway listen port
+	Name    string // server name, unique in the supercluster
+	Cluster string // its cluster: the datacenter's name
+	Port    int    // client port
+	GWPort  int    // gateway listen port
 
-	opts *server.Options
+	opts *server.Options // the embedded server's options; nil for a process
+	ext  *natsProcess    // the child process; nil when embedded
 
 	mu  sync.Mutex // guards srv
 	srv *server.Server
@@ -75,20 +80,29 @@ func newNATS(name, dir string) (*NATS, error) {
 		JetStreamMaxMemory: 256 << 20,
 		JetStreamMaxStore:  4 << 30,
 	}
-	return &NATS{Name: name, Port: port, GWPort: gw, opts: o}, nil
+	return &NATS{Name: name, Cluster: name, Port: port, GWPort: gw, opts: o}, nil
 }
 
 // setGateways points this server at the other datacenters' gateways (each
-// through a Link) and advertises addr as its own gateway address.
-func (n *NATS) setGateways(advertise string, remotes map[string]string) error {
+// through a Link; remotes maps a cluster to its servers' addresses) and
+// advertises addr as its own gateway address.
+func (n *NATS) setGateways(advertise string, remotes map[string][]string) error {
+	if n.ext != nil {
+		n.ext.advertise, n.ext.remotes = advertise, remotes
+		return nil
+	}
 	n.opts.Gateway.Advertise = advertise
 	n.opts.Gateway.Gateways = nil
-	for name, addr := range remotes {
-		u, err := url.Parse("nats://" + addr)
-		if err != nil {
-			return fmt.Errorf("gateway url: %w", err)
+	for name, addrs := range remotes {
+		rg := &server.RemoteGatewayOpts{Name: name}
+		for _, addr := range addrs {
+			u, err := url.Parse("nats://" + addr)
+			if err != nil {
+				return fmt.Errorf("gateway url: %w", err)
+			}
+			rg.URLs = append(rg.URLs, u)
 		}
-		n.opts.Gateway.Gateways = append(n.opts.Gateway.Gateways, &server.RemoteGatewayOpts{Name: name, URLs: []*url.URL{u}})
+		n.opts.Gateway.Gateways = append(n.opts.Gateway.Gateways, rg)
 	}
 	return nil
 }
@@ -98,6 +112,9 @@ func (n *NATS) URL() string { return "nats://127.0.0.1:" + strconv.Itoa(n.Port) 
 
 // Start starts the server and waits until it accepts clients.
 func (n *NATS) Start() error {
+	if n.ext != nil {
+		return n.ext.start(n)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.srv != nil && n.srv.Running() {
@@ -120,8 +137,11 @@ func (n *NATS) Start() error {
 	return nil
 }
 
-// Stop shuts the server down and waits for it.
+// Stop shuts the server down and waits for it: SIGTERM for a process.
 func (n *NATS) Stop() error {
+	if n.ext != nil {
+		return n.ext.p.signal(syscall.SIGTERM, 15*time.Second)
+	}
 	n.mu.Lock()
 	srv := n.srv
 	n.srv = nil
@@ -134,17 +154,35 @@ func (n *NATS) Stop() error {
 	return nil
 }
 
-// Kill is Stop: an embedded server has no process of its own to kill.
-func (n *NATS) Kill() error { return n.Stop() }
+// Kill sends a server process SIGKILL, as kill -9 would. For an embedded
+// server it is Stop: it has no process of its own to kill.
+func (n *NATS) Kill() error {
+	if n.ext != nil {
+		return n.ext.p.signal(syscall.SIGKILL, 5*time.Second)
+	}
+	return n.Stop()
+}
 
 // Running reports whether the server runs.
 func (n *NATS) Running() bool {
+	if n.ext != nil {
+		return n.ext.p.running()
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.srv != nil && n.srv.Running()
 }
 
-// Server is the running server, or nil.
+// PID is the server's process id; 0 when it is embedded or not running.
+func (n *NATS) PID() int {
+	if n.ext != nil {
+		return n.ext.p.pid()
+	}
+	return 0
+}
+
+// Server is the running embedded server, or nil (always nil for a server
+// run as a process).
 func (n *NATS) Server() *server.Server {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -154,6 +192,9 @@ func (n *NATS) Server() *server.Server {
 // GatewaysConnected is the number of remote gateways with an outbound
 // connection from this server.
 func (n *NATS) GatewaysConnected() int {
+	if n.ext != nil {
+		return n.ext.gatewaysConnected()
+	}
 	srv := n.Server()
 	if srv == nil {
 		return 0
@@ -188,9 +229,14 @@ func (n *NATS) WaitJetStream(ctx context.Context) error {
 	}
 }
 
-// Close stops the server if it runs.
+// Close stops the server if it runs (a process is killed: its store is
+// about to be removed).
 func (n *NATS) Close() error {
-	if err := n.Stop(); err != nil && !errors.Is(err, ErrNotRunning) {
+	stop := n.Stop
+	if n.ext != nil {
+		stop = n.Kill
+	}
+	if err := stop(); err != nil && !errors.Is(err, ErrNotRunning) {
 		return err
 	}
 	return nil
