@@ -128,6 +128,13 @@ func invalidatorConfig(e *testenv.Env, dc *testenv.DC, slot, stream string, tail
 		dc.Name, e.Primary.DSN(""), slot, dc.NATS.URL(), stream, e.DCs[0].Name, tail)
 	if purge {
 		cfg += fmt.Sprintf("purge:\n  servers: [%s]\n  replica_dsn: %q\n", strings.Join(dc.MemcachedAddrs(), ", "), dc.Replica.DSN(""))
+		// BENCH_PURGE_YAML adds settings to the purge section, one
+		// "key: value" per line, to try a setting without a rebuild.
+		for _, l := range strings.Split(os.Getenv("BENCH_PURGE_YAML"), ";") {
+			if l = strings.TrimSpace(l); l != "" {
+				cfg += "  " + l + "\n"
+			}
+		}
 	}
 	return cfg + rules
 }
@@ -144,6 +151,9 @@ func startInvalidator(b *testing.B, name, config string) *invalidator {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// BENCH_INVALIDATOR_ENV adds variables to the processes' environment
+	// (space-separated, e.g. GODEBUG=gctrace=1).
+	d.Env = strings.Fields(os.Getenv("BENCH_INVALIDATOR_ENV"))
 	p := &invalidator{Daemon: d, b: b, name: name, port: port, started: time.Now()}
 	if err := d.Start(); err != nil {
 		b.Fatal(err)
@@ -186,6 +196,11 @@ func (p *invalidator) stop() int64 {
 	if err := p.Stop(); err != nil {
 		p.b.Errorf("%s did not drain: %v", p.name, err)
 	}
+	if dir := os.Getenv("BENCH_METRICS_DIR"); dir != "" {
+		if log, err := os.ReadFile(p.LogPath()); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%s.log", p.b.Name(), p.name)), log, 0o644)
+		}
+	}
 	return rss
 }
 
@@ -198,7 +213,8 @@ func (p *invalidator) exited() error {
 }
 
 // dumpMetrics saves the process's /metrics page under BENCH_METRICS_DIR,
-// when set, for a look at where the time went.
+// when set, for a look at where the time went (stop saves its log there
+// too).
 func (p *invalidator) dumpMetrics() {
 	dir := os.Getenv("BENCH_METRICS_DIR")
 	if dir == "" {

@@ -26,6 +26,11 @@ type ConsumerConfig struct {
 	// to the handler. 0 means 8 MiB; it is raised to 4 times the
 	// server's max payload, so that the largest message always fits.
 	MaxBuffered int
+	// MaxBufferedMsgs bounds the messages pulled and not yet handed to
+	// the handler, beside MaxBuffered. 0 means 1024. (The client keeps a
+	// channel of this many slots: left unset, with a bytes limit alone,
+	// it would make one of a million, 8 MB, per consumer.)
+	MaxBufferedMsgs int
 }
 
 func (c *ConsumerConfig) defaults() {
@@ -41,6 +46,9 @@ func (c *ConsumerConfig) defaults() {
 	if c.MaxBuffered == 0 {
 		c.MaxBuffered = 8 << 20
 	}
+	if c.MaxBufferedMsgs == 0 {
+		c.MaxBufferedMsgs = 1024
+	}
 }
 
 // Durable is the consumer name of a datacenter.
@@ -53,7 +61,11 @@ type Delivery struct {
 	Batch     *Batch
 	Seq       uint64 // stream sequence
 	Delivered uint64 // 1 on first delivery
-	msg       jetstream.Msg
+	// Stored is when the stream stored the message (its JetStream
+	// timestamp); Received is when this consumer decoded it. With the
+	// batch's CommitTime they split commit-to-purge into its stages.
+	Stored, Received time.Time
+	msg              jetstream.Msg
 }
 
 // Ack acknowledges the batch and waits for the server to confirm it.
@@ -124,9 +136,9 @@ func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
 	if nc := c.js.Conn(); nc != nil {
 		buffered = max(buffered, 4*int(nc.MaxPayload()))
 	}
-	// Bounded in bytes, not messages: 256 messages of up to the max
+	// Bounded in bytes, not only messages: 256 messages of up to the max
 	// payload each could hold 256 MB.
-	it, err := cons.Messages(jetstream.PullMaxBytes(buffered), jetstream.PullExpiry(5*time.Second))
+	it, err := cons.Messages(jetstream.PullMaxMessagesWithBytesLimit(c.cfg.MaxBufferedMsgs, buffered), jetstream.PullExpiry(5*time.Second))
 	if err != nil {
 		return fmt.Errorf("consume %s: %w", c.cfg.Durable(), err)
 	}
@@ -151,6 +163,6 @@ func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
 			_ = m.TermWithReason(err.Error())
 			continue
 		}
-		handle(&Delivery{Batch: b, Seq: meta.Sequence.Stream, Delivered: meta.NumDelivered, msg: m})
+		handle(&Delivery{Batch: b, Seq: meta.Sequence.Stream, Delivered: meta.NumDelivered, Stored: meta.Timestamp, Received: time.Now(), msg: m})
 	}
 }

@@ -3,6 +3,8 @@ package mcpool
 import (
 	"bufio"
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -57,5 +59,44 @@ func TestDeleteChainBadKey(t *testing.T) {
 	}
 	if got, want := string(r.buf), "md ok q O0\r\nmn\r\n"; got != want {
 		t.Errorf("chain %q; want %q", got, want)
+	}
+}
+
+// TestChainKeepsOnlyFailures: the reader keeps a chain's failures only.
+// A delete of an absent key answers NF even in quiet mode (memcached
+// 1.6), and a transaction's keys are often not cached: keeping those
+// answers cost memory per key (4 MB of a 1M-row transaction's purge).
+// More answers than requests is a protocol error.
+func TestChainKeepsOnlyFailures(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		answer string
+		fails  []int // indexes kept, in order
+		err    bool
+	}{
+		{"absent keys", "NF O0\r\nNF O1\r\nNF O2\r\nMN\r\n", nil, false},
+		{"one refused among absent", "NF O0\r\nEX O1\r\nNF O2\r\nMN\r\n", []int{1}, false},
+		{"error line", "SERVER_ERROR busy\r\nMN\r\n", []int{-1}, false},
+		{"too many answers", "NF O0\r\nNF O0\r\nNF O0\r\nNF O0\r\nNF O0\r\nMN\r\n", nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &Conn{cfg: DefaultConnConfig(), br: bufio.NewReader(strings.NewReader(tc.answer))}
+			r := &request{chain: 3}
+			resp, err := readResponse(c.br, c.cfg.MaxValueSize)
+			_, err = c.readChain(r, resp, err)
+			if (err != nil) != tc.err {
+				t.Fatalf("got error %v; want error=%v", err, tc.err)
+			}
+			if tc.err {
+				return
+			}
+			var got []int
+			for _, f := range r.fails {
+				got = append(got, f.idx)
+			}
+			if !slices.Equal(got, tc.fails) {
+				t.Errorf("got kept answers %v; want %v", got, tc.fails)
+			}
+		})
 	}
 }

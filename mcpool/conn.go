@@ -77,7 +77,8 @@ type request struct {
 	answered atomic.Bool
 	// chain is the number of quiet requests in a chain (kindChain): each
 	// carries O<its index> and q, and one mn ends them all. The reader
-	// fills fails with the answers that came (only failures answer).
+	// fills fails with the answers that came other than successes (HD, and
+	// NF: a delete of an absent key), which are not kept.
 	chain int
 	fails []chainFail
 }
@@ -599,12 +600,15 @@ func (c *Conn) readOne(r *request) (result, error) {
 // that ends it; first is the first answer, already read. Each answer
 // goes to r.fails by its opaque.
 func (c *Conn) readChain(r *request, resp Response, err error) (result, error) {
-	for {
+	for answers := 0; ; answers++ {
 		if err != nil && !isServerError(err) {
 			return result{}, fmt.Errorf("read: %w", err)
 		}
 		if err == nil && resp.Status == StatusMN {
 			return result{}, nil
+		}
+		if answers > r.chain {
+			return result{}, fmt.Errorf("%w: more answers than requests in a quiet chain", ErrProtocol)
 		}
 		idx := -1
 		if err == nil {
@@ -612,10 +616,13 @@ func (c *Conn) readChain(r *request, resp Response, err error) (result, error) {
 				idx = n
 			}
 		}
-		if len(r.fails) > r.chain {
-			return result{}, fmt.Errorf("%w: more answers than requests in a quiet chain", ErrProtocol)
+		// A delete of a key that is not there (NF: memcached 1.6 does not
+		// hide it in quiet mode) or a stray HD is a success: keeping it
+		// would cost memory per absent key, a chain's worth when a
+		// transaction's keys were never cached.
+		if idx < 0 || (resp.Status != StatusNF && resp.Status != StatusHD) {
+			r.fails = append(r.fails, chainFail{idx: idx, resp: resp, err: err})
 		}
-		r.fails = append(r.fails, chainFail{idx: idx, resp: resp, err: err})
 		resp, err = readResponse(c.br, c.cfg.MaxValueSize)
 	}
 }

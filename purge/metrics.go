@@ -9,11 +9,18 @@ import (
 
 // Metrics are the purger's Prometheus collectors.
 type Metrics struct {
-	Keys        prometheus.Counter
-	Failures    prometheus.Counter
-	Pending     prometheus.Gauge
-	Batches     prometheus.Counter
-	Latency     prometheus.Observer
+	Keys     prometheus.Counter
+	Failures prometheus.Counter
+	Pending  prometheus.Gauge
+	Batches  prometheus.Counter
+	Latency  prometheus.Observer
+	// Stage splits commit-to-purge by stage (label stage): publish
+	// (commit to stored in the stream, the tail's part), deliver (stored
+	// to decoded by this DC's consumer), handle (decoded to the batch's
+	// work starting: the in-flight limits), apply (gate passed to the
+	// last key applied) and ack (the stream's ack round trip, after the
+	// keys are applied). The gate's part is GateWait.
+	Stage       *prometheus.HistogramVec
 	GateWait    prometheus.Observer
 	GateTimeout prometheus.Counter
 	// RePurged counts keys applied a second time because the gate had
@@ -33,6 +40,19 @@ type Metrics struct {
 	Flushes  *prometheus.CounterVec
 
 	servers *serverCollector
+	// the Stage observers, by stage
+	stPublish, stDeliver, stHandle, stApply, stAck prometheus.Observer
+}
+
+// ObserveDelivery records a delivered batch's publish and deliver stages
+// (see Stage); zero times are skipped.
+func (m *Metrics) ObserveDelivery(commit, stored, received time.Time) {
+	if !commit.IsZero() && !stored.IsZero() {
+		m.stPublish.Observe(max(stored.Sub(commit), 0).Seconds())
+	}
+	if !stored.IsZero() && !received.IsZero() {
+		m.stDeliver.Observe(max(received.Sub(stored), 0).Seconds())
+	}
 }
 
 // NewMetrics registers the purger's metrics for dc with reg (nil: not registered).
@@ -44,6 +64,11 @@ func NewMetrics(reg prometheus.Registerer, dc string) *Metrics {
 	batches := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_batches_acked_total", Help: "Batches fully applied (or recorded for a down server) and acked.", ConstLabels: l})
 	lat := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "invalidator_commit_to_purge_seconds", Help: "From the commit on the primary to the last key of its batch applied in this DC.",
 		ConstLabels: l, Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18)})
+	stage := prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "invalidator_purge_stage_seconds", Help: "Commit to purge split by stage: publish, deliver, handle, apply, ack (the gate's part is invalidator_gate_wait_seconds).",
+		ConstLabels: l, Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}, []string{"stage"})
+	for _, s := range []string{"publish", "deliver", "handle", "apply", "ack"} {
+		stage.WithLabelValues(s)
+	}
 	gw := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "invalidator_gate_wait_seconds", Help: "Time batches waited for this DC's replica to replay their commit.",
 		ConstLabels: l, Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18)})
 	gt := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_gate_timeouts_total", Help: "Batches purged after the gate's max_wait without the replica reaching them.", ConstLabels: l})
@@ -64,10 +89,13 @@ func NewMetrics(reg prometheus.Registerer, dc string) *Metrics {
 		inv.WithLabelValues(r)
 	}
 	if reg != nil {
-		reg.MustRegister(keys, fails, pending, batches, lat, gw, gt, rp, rpd, inv, rec, rep, fl, sc)
+		reg.MustRegister(keys, fails, pending, batches, lat, stage, gw, gt, rp, rpd, inv, rec, rep, fl, sc)
 	}
-	return &Metrics{Keys: keys, Failures: fails, Pending: pending, Batches: batches, Latency: lat, GateWait: gw, GateTimeout: gt,
+	m := &Metrics{Keys: keys, Failures: fails, Pending: pending, Batches: batches, Latency: lat, Stage: stage, GateWait: gw, GateTimeout: gt,
 		RePurged: rp, RePurgeDropped: rpd, InvalidKeys: inv, Recorded: rec, Replayed: rep, Flushes: fl, servers: sc}
+	m.stPublish, m.stDeliver, m.stHandle = stage.WithLabelValues("publish"), stage.WithLabelValues("deliver"), stage.WithLabelValues("handle")
+	m.stApply, m.stAck = stage.WithLabelValues("apply"), stage.WithLabelValues("ack")
+	return m
 }
 
 // serverCollector exports each server's pending state at scrape time.

@@ -328,6 +328,7 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 		p.inflight.Done()
 		return ErrClosed
 	}
+	handled := time.Now()
 	size := batchBytes(b, p.cfg.MaxBytes)
 	if err := p.acquire(ctx, size); err != nil {
 		<-p.batches
@@ -349,6 +350,7 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 		defer p.inflight.Done()
 		defer func() { <-p.batches }()
 		defer p.mem.Release(size)
+		p.m.stHandle.Observe(time.Since(handled).Seconds())
 		p.apply(ctx, b, d)
 	}()
 	return nil
@@ -506,6 +508,7 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 	}
 
 	if len(keys) > 0 {
+		begin := time.Now()
 		t := p.submit(keys)
 	wait:
 		for {
@@ -522,12 +525,15 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 				return // the workers stopped (hard stop)
 			}
 		}
+		p.m.stApply.Observe(time.Since(begin).Seconds())
 	}
+	acking := time.Now()
 	if err := d.Ack(ctx); err != nil {
 		// The keys are applied; a lost ack means one more harmless delivery.
 		p.log.Warn("ack failed; the batch will be applied again", zap.Uint64("commit_lsn", b.CommitLSN), zap.Error(err))
 		return
 	}
+	p.m.stAck.Observe(time.Since(acking).Seconds())
 	p.m.Batches.Inc()
 	if !b.CommitTime.IsZero() {
 		p.m.Latency.Observe(time.Since(b.CommitTime).Seconds())

@@ -38,6 +38,7 @@ type Role struct {
 	gate   *Gate // nil without a replica DSN
 	purger *Purger
 	cons   *bus.Consumer
+	m      *Metrics
 
 	soft      *lifecycle.Soft
 	closeOnce sync.Once
@@ -60,7 +61,9 @@ func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, 
 		}
 		gate = r.gate
 	}
-	if r.purger, err = New(cfg.Purger, pool, gate, NewMetrics(reg, dc), log); err != nil {
+	m := NewMetrics(reg, dc)
+	r.m = m
+	if r.purger, err = New(cfg.Purger, pool, gate, m, log); err != nil {
 		pool.Close()
 		return nil, err
 	}
@@ -117,6 +120,7 @@ func (r *Role) Run(ctx context.Context) error {
 		err := r.cons.Run(cctx, func(dl *bus.Delivery) {
 			// An error (hard stop, purger closing) leaves the message
 			// unacked: it comes again.
+			r.m.ObserveDelivery(dl.Batch.CommitTime, dl.Stored, dl.Received)
 			_ = r.purger.Handle(gctx, dl.Batch, dl)
 		})
 		if derr := r.purger.Drain(gctx); derr != nil && err == nil && gctx.Err() == nil {
