@@ -32,6 +32,9 @@ type StreamConfig struct {
 	// Duplicates is the window in which a republished batch (same MsgID)
 	// is stored once; 0 means 2m.
 	Duplicates time.Duration
+	// Sources are other streams whose subjects this one copies (the
+	// per-datacenter Layout).
+	Sources []Source
 }
 
 func (c *StreamConfig) defaults() {
@@ -56,12 +59,14 @@ func (c *StreamConfig) defaults() {
 }
 
 // EnsureStream creates the stream if it is missing and returns it. An
-// existing stream is used as it is.
+// existing stream is used as it is, except that the sources it lacks are
+// added and its replicas raised to cfg's. A cluster too small for the
+// replicas gives ErrReplicas.
 func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig) (jetstream.Stream, error) {
 	cfg.defaults()
 	s, err := js.Stream(ctx, cfg.Name)
 	if err == nil {
-		return s, nil
+		return ensureSources(ctx, js, s, cfg)
 	}
 	if !errors.Is(err, jetstream.ErrStreamNotFound) {
 		return nil, fmt.Errorf("look up stream %s: %w", cfg.Name, err)
@@ -79,12 +84,15 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig)
 	if cfg.Placement != "" {
 		sc.Placement = &jetstream.Placement{Cluster: cfg.Placement}
 	}
+	for _, src := range cfg.Sources {
+		sc.Sources = append(sc.Sources, &jetstream.StreamSource{Name: src.Stream, FilterSubject: src.Subject})
+	}
 	s, err = js.CreateStream(ctx, sc)
 	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
 		return js.Stream(ctx, cfg.Name)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("create stream %s: %w", cfg.Name, err)
+		return nil, replicasErr(fmt.Errorf("create stream %s: %w", cfg.Name, err), cfg)
 	}
 	return s, nil
 }
@@ -109,6 +117,24 @@ type PublisherConfig struct {
 	// AckTimeout is how long one publish waits for its ack before it is
 	// sent again (with the same MsgID). 0 means 5s.
 	AckTimeout time.Duration
+	// Remotes are other datacenters' streams that copy Stream (see
+	// Layout.Remotes); RemoteNeed of them must hold a batch before the
+	// Acks of its transactions are done. RemoteNeed 0: JetStream's ack
+	// of Stream is enough.
+	Remotes    []StreamConfig
+	RemoteNeed int
+	// CopyTimeout is how long a batch waits for its remote copies; past
+	// it the batch is confirmed with the copies it has, counted in
+	// CopyTimeouts and logged. 0 means it waits as long as it takes: a
+	// datacenter that is down then holds back every confirmation (and
+	// the slot retains WAL) until it returns or is taken out of the
+	// layout.
+	CopyTimeout time.Duration
+	// MaxUncopied bounds the batches acked by Stream that wait for their
+	// remote copies; the publisher blocks beyond it, so a partition from
+	// the other datacenters stops the tail after that many batches (the
+	// local purge has them all by then). 0 means 65536.
+	MaxUncopied int
 }
 
 // DefaultPublisherConfig returns the defaults.
@@ -123,9 +149,12 @@ func (c PublisherConfig) Validate() error {
 	if c.Origin == "" {
 		return errors.New("bus: publisher origin (dc) is empty")
 	}
-	if c.MaxBatchKeys < 1 || c.MaxInFlight < 1 || c.Linger < 0 || c.AckTimeout <= 0 {
-		return fmt.Errorf("bus: bad publisher limits (max_batch_keys %d, max_in_flight %d, linger %s, ack_timeout %s)",
-			c.MaxBatchKeys, c.MaxInFlight, c.Linger, c.AckTimeout)
+	if c.MaxBatchKeys < 1 || c.MaxInFlight < 1 || c.Linger < 0 || c.AckTimeout <= 0 || c.MaxUncopied < 0 {
+		return fmt.Errorf("bus: bad publisher limits (max_batch_keys %d, max_in_flight %d, linger %s, ack_timeout %s, max_uncopied %d)",
+			c.MaxBatchKeys, c.MaxInFlight, c.Linger, c.AckTimeout, c.MaxUncopied)
+	}
+	if c.RemoteNeed < 0 || c.RemoteNeed > len(c.Remotes) {
+		return fmt.Errorf("bus: %d remote copies needed of %d remote streams", c.RemoteNeed, len(c.Remotes))
 	}
 	return nil
 }
@@ -135,6 +164,14 @@ type PublisherStats struct {
 	Batches, Keys, Retries uint64
 	InFlight               int
 	DurableLSN             uint64
+	// Uncopied is the batches stored in the local stream that wait for
+	// their copies in other datacenters; CopiesBehind is how many local
+	// sequences the remotes (the RemoteNeed-th of them) lack.
+	Uncopied     int
+	CopiesBehind uint64
+	// CopyTimeouts counts the batches confirmed after CopyTimeout without
+	// all their remote copies.
+	CopyTimeouts uint64
 }
 
 // Ack is the acknowledgement of one transaction handed to the publisher
@@ -169,6 +206,11 @@ type Publisher struct {
 	queue chan pending
 	done  chan struct{} // closed when Run has handled the closed queue
 	kick  chan struct{} // a batch started: the linger timer starts
+	// copies follows the remote copies (nil: none needed); uncopied holds
+	// the acked batches waiting for them, in order.
+	copies   *copies
+	uncopied chan copyWait
+	lastSeq  atomic.Uint64 // the local sequence of the last acked batch
 
 	mu       sync.Mutex // guards cur, seen, started, confirm, acks, part, inTx, txCommit, txTime, closed
 	cur      Batch
@@ -193,16 +235,32 @@ type Publisher struct {
 // NewPublisher validates cfg and returns a publisher on js.
 func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger) (*Publisher, error) {
 	cfg.Stream.defaults()
+	if cfg.MaxUncopied == 0 {
+		cfg.MaxUncopied = 1 << 16
+	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Publisher{
+	p := &Publisher{
 		js: js, cfg: cfg, log: log,
 		queue: make(chan pending, cfg.MaxInFlight),
 		done:  make(chan struct{}),
 		kick:  make(chan struct{}, 1),
 		seen:  make(map[string]struct{}, cfg.MaxBatchKeys),
-	}, nil
+	}
+	if cfg.RemoteNeed > 0 {
+		p.copies = newCopies(js, cfg.Stream, cfg.Remotes, cfg.RemoteNeed, log)
+		p.uncopied = make(chan copyWait, cfg.MaxUncopied)
+	}
+	return p, nil
+}
+
+// copyWait is a batch acked by the local stream at seq (0: no message),
+// waiting for its remote copies before its Acks are done.
+type copyWait struct {
+	seq uint64
+	at  time.Time // when the local stream acked it
+	it  pending
 }
 
 // BeginTx opens a transaction with its commit LSN and time.
@@ -378,6 +436,21 @@ func (p *Publisher) Run(ctx context.Context) error {
 		defer wg.Done()
 		p.linger(lctx)
 	}()
+	copied := make(chan struct{})
+	if p.copies != nil {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			p.copies.run(lctx)
+		}()
+		go func() {
+			defer wg.Done()
+			defer close(copied)
+			p.awaitCopies(lctx)
+		}()
+	} else {
+		close(copied)
+	}
 	defer func() {
 		cancel()
 		wg.Wait()
@@ -390,13 +463,72 @@ func (p *Publisher) Run(ctx context.Context) error {
 			return nil
 		case it, ok := <-p.queue:
 			if !ok {
-				close(p.done)
+				if p.copies != nil {
+					close(p.uncopied)
+				}
+				select {
+				case <-copied:
+					close(p.done)
+				case <-ctx.Done():
+				}
 				return nil
 			}
-			if err := p.await(ctx, it); err != nil {
+			seq, err := p.await(ctx, it)
+			if err != nil {
 				return nil // ctx ended
 			}
+			if p.copies == nil {
+				p.confirmed(it)
+				continue
+			}
+			select {
+			case p.uncopied <- copyWait{seq: seq, at: time.Now(), it: it}:
+			case <-ctx.Done():
+				return nil
+			}
 		}
+	}
+}
+
+// awaitCopies does the Acks of each acked batch, in order, once enough
+// remote datacenters hold it.
+func (p *Publisher) awaitCopies(ctx context.Context) {
+	var lastLog time.Time
+	for w := range p.uncopied {
+		if w.seq > 0 {
+			wctx, cancel := ctx, context.CancelFunc(func() {})
+			if p.cfg.CopyTimeout > 0 {
+				wctx, cancel = context.WithDeadline(ctx, w.at.Add(p.cfg.CopyTimeout))
+			}
+			err := p.copies.wait(wctx, w.seq)
+			cancel()
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				p.statsMu.Lock()
+				p.stats.CopyTimeouts++
+				p.statsMu.Unlock()
+				if time.Since(lastLog) > 10*time.Second {
+					lastLog = time.Now()
+					p.log.Warn("confirming batches that other datacenters do not hold yet (copy_timeout passed): losing this datacenter now would lose them",
+						zap.Uint64("seq", w.seq), zap.Duration("copy_timeout", p.cfg.CopyTimeout), zap.Uint64("copies_behind", p.copies.behind(w.seq)))
+				}
+			}
+		}
+		p.confirmed(w.it)
+	}
+}
+
+// confirmed does the Acks of a batch that is durable.
+func (p *Publisher) confirmed(it pending) {
+	if it.confirm > 0 {
+		p.statsMu.Lock()
+		p.stats.DurableLSN = it.confirm
+		p.statsMu.Unlock()
+	}
+	for _, a := range it.acks {
+		a.Done()
 	}
 }
 
@@ -454,51 +586,52 @@ func (p *Publisher) linger(ctx context.Context) {
 	}
 }
 
-// await waits for one item's ack, republishing until JetStream stores it.
-func (p *Publisher) await(ctx context.Context, it pending) error {
+// await waits for one item's ack, republishing until JetStream stores
+// it, and returns the batch's sequence in the stream (0: no message).
+func (p *Publisher) await(ctx context.Context, it pending) (uint64, error) {
+	var seq uint64
 	if it.msg != nil {
 		ok := false
 		if it.fut != nil {
 			select {
-			case <-it.fut.Ok():
-				ok = true
+			case pa := <-it.fut.Ok():
+				ok, seq = true, pa.Sequence
 			case err := <-it.fut.Err():
 				p.log.Warn("publish not acked; retrying", zap.Error(err))
 			case <-time.After(p.cfg.AckTimeout):
 				p.log.Warn("publish ack timed out; retrying", zap.Duration("timeout", p.cfg.AckTimeout))
 			case <-ctx.Done():
-				return ctx.Err()
+				return 0, ctx.Err()
 			}
 		}
 		for attempt := 0; !ok; attempt++ {
 			p.statsMu.Lock()
 			p.stats.Retries++
 			p.statsMu.Unlock()
-			actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
-			_, err := p.js.PublishMsg(actx, it.msg)
-			cancel()
+			pa, err := p.publish(ctx, it.msg)
 			if err == nil {
+				seq = pa.Sequence // a duplicate's is the stored one's
 				break
 			}
 			if ctx.Err() != nil {
-				return ctx.Err()
+				return 0, ctx.Err()
 			}
 			d := retry.Delay(attempt)
 			p.log.Warn("republish failed", zap.Error(err), zap.Duration("retry_in", d))
 			if err := backoff.Wait(ctx, d); err != nil {
-				return err
+				return 0, err
 			}
 		}
+		p.lastSeq.Store(seq)
 	}
-	if it.confirm > 0 {
-		p.statsMu.Lock()
-		p.stats.DurableLSN = it.confirm
-		p.statsMu.Unlock()
-	}
-	for _, a := range it.acks {
-		a.Done()
-	}
-	return nil
+	return seq, nil
+}
+
+// publish publishes msg and waits for its ack, for at most AckTimeout.
+func (p *Publisher) publish(ctx context.Context, msg *nats.Msg) (*jetstream.PubAck, error) {
+	actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
+	defer cancel()
+	return p.js.PublishMsg(actx, msg)
 }
 
 // Drain publishes what is buffered and waits until every batch is acked
@@ -547,9 +680,9 @@ func (p *Publisher) Announce(ctx context.Context, b *Batch) error {
 	msg.Data = data
 	msg.Header.Set(jetstream.MsgIDHeader, b.MsgID())
 	for attempt := 0; ; attempt++ {
-		actx, cancel := context.WithTimeout(ctx, p.cfg.AckTimeout)
-		_, err = p.js.PublishMsg(actx, msg)
-		cancel()
+		// Stored here is enough: the batches after it are confirmed
+		// only once copied, and a stream copies in order.
+		_, err := p.publish(ctx, msg)
 		if err == nil {
 			return nil
 		}
@@ -567,9 +700,13 @@ func (p *Publisher) Announce(ctx context.Context, b *Batch) error {
 // Stats returns counters for metrics.
 func (p *Publisher) Stats() PublisherStats {
 	p.statsMu.Lock()
-	defer p.statsMu.Unlock()
 	s := p.stats
+	p.statsMu.Unlock()
 	s.InFlight = len(p.queue)
+	if p.copies != nil {
+		s.Uncopied = len(p.uncopied)
+		s.CopiesBehind = p.copies.behind(p.lastSeq.Load())
+	}
 	return s
 }
 

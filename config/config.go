@@ -78,8 +78,30 @@ type NATSConfig struct {
 	Stream  string `yaml:"stream"`   // default INVALIDATIONS
 	DataDir string `yaml:"data_dir"` // embedded server's store; default ./data
 	// Placement is the NATS cluster the stream is created in when missing;
-	// default: this DC.
+	// default: this DC. Not used with datacenters (each DC's stream is in
+	// its own cluster).
 	Placement string `yaml:"placement"`
+	// Replicas is each stream's replicas within its cluster: 1 (default),
+	// 3 or 5, at most the cluster's JetStream servers. 3 survives the
+	// loss of one server, 5 of two.
+	Replicas int `yaml:"replicas"`
+	// Datacenters turns on the per-datacenter layout: every DC listed
+	// has its own stream <stream>_<dc> in its own NATS cluster (named
+	// after the DC), copying every other DC's batches, so losing a
+	// datacenter loses no confirmed invalidation (see RUNBOOK). List
+	// every DC, the same list in every DC's config. Empty: one stream.
+	Datacenters []string `yaml:"datacenters"`
+	// DurableDCs is how many datacenters' streams must hold a batch
+	// before the slot is confirmed past it: the writer's and
+	// durable_dcs-1 others. Default 2 (1 with a single datacenter).
+	DurableDCs int `yaml:"durable_dcs"`
+	// CopyTimeout is how long a batch waits for those copies before it
+	// is confirmed with the ones it has (logged and counted). 0 (the
+	// default) waits as long as it takes: while a datacenter is down,
+	// nothing is confirmed and the slot retains WAL, unless the other
+	// datacenters are enough for durable_dcs. With two datacenters, set
+	// it (e.g. 1m) to keep confirming while one of them is lost.
+	CopyTimeout time.Duration `yaml:"copy_timeout"`
 	// Creds is a NATS credentials file (user JWT and nkey seed); NKey is
 	// an nkey seed file. At most one of them. A user and password go in
 	// the URL, best as ${VARIABLES} (see LoadConfig).
@@ -199,6 +221,12 @@ func (c *Config) defaults() {
 	if c.NATS.Placement == "" && c.NATS.URL != "" {
 		c.NATS.Placement = c.DC
 	}
+	if c.NATS.Replicas == 0 {
+		c.NATS.Replicas = 1
+	}
+	if c.NATS.DurableDCs == 0 && len(c.NATS.Datacenters) > 0 {
+		c.NATS.DurableDCs = min(2, len(c.NATS.Datacenters))
+	}
 	if c.Increments.Stream == "" {
 		c.Increments.Stream = "COUNTERS"
 	}
@@ -244,6 +272,35 @@ func (c *Config) Validate() (*keys.Set, error) {
 	}
 	if (c.NATS.TLS.Cert == "") != (c.NATS.TLS.Key == "") {
 		bad("nats.tls: cert and key go together")
+	}
+	if r := c.NATS.Replicas; r != 1 && r != 3 && r != 5 {
+		bad("nats.replicas %d: want 1, 3 or 5 (JetStream's quorum needs an odd number)", r)
+	}
+	if c.NATS.URL == "" && (c.NATS.Replicas > 1 || len(c.NATS.Datacenters) > 0) {
+		bad("nats: replicas above 1 and datacenters need nats.url (a NATS cluster); the embedded server is a single node")
+	}
+	if dcs := c.NATS.Datacenters; len(dcs) > 0 {
+		if c.NATS.Placement != "" && c.NATS.Placement != c.DC {
+			bad("nats.placement %q: with datacenters each DC's stream is in its own cluster (%s); remove placement", c.NATS.Placement, c.DC)
+		}
+		seen := map[string]bool{}
+		for _, d := range dcs {
+			if !streamNameRE.MatchString(d) || seen[d] {
+				bad("nats.datacenters: %q is empty, repeated, or not letters, digits, - and _", d)
+			}
+			seen[d] = true
+		}
+		if !seen[c.DC] {
+			bad("nats.datacenters %v does not list this dc (%s)", dcs, c.DC)
+		}
+		if c.NATS.DurableDCs < 1 || c.NATS.DurableDCs > len(dcs) {
+			bad("nats.durable_dcs %d: want 1 to %d (the datacenters listed)", c.NATS.DurableDCs, len(dcs))
+		}
+	} else if c.NATS.DurableDCs != 0 || c.NATS.CopyTimeout != 0 {
+		bad("nats.durable_dcs and nats.copy_timeout need nats.datacenters")
+	}
+	if c.NATS.CopyTimeout < 0 {
+		bad("nats.copy_timeout must not be negative")
 	}
 	if c.OnSlotLoss != "" && c.OnSlotLoss != "exit" && c.OnSlotLoss != "flush" {
 		bad("on_slot_loss %q: want exit or flush", c.OnSlotLoss)

@@ -41,6 +41,9 @@ type Config struct {
 	SetupTimeout time.Duration
 	// OnSlotLoss is SlotLossExit (default) or SlotLossFlush.
 	OnSlotLoss string
+	// State is where the pipeline's state is kept; empty: the one bucket
+	// bus.StateBucket in the stream's placement.
+	State bus.StateConfig
 	// StateInterval is how often the pipeline's state is saved in
 	// JetStream. 0 means 5s.
 	StateInterval time.Duration
@@ -445,6 +448,9 @@ func (r *Role) register(reg prometheus.Registerer) {
 		gauge("invalidator_slot_active", "1 while this process holds the slot and streams.", func() float64 { return b2f(s.Stats().State == wal.StateStreaming) }),
 		gauge("invalidator_unacknowledged_transactions", "Transactions delivered by the WAL stream whose keys or deltas are not yet durable.", func() float64 { return float64(s.Stats().Unacked) }),
 		gauge("invalidator_publish_in_flight", "Batches published and not yet acked by JetStream.", func() float64 { return float64(p.Stats().InFlight) }),
+		gauge("invalidator_publish_uncopied", "Batches stored in this datacenter's stream that wait for their copies in other datacenters before they are confirmed (nats.datacenters).", func() float64 { return float64(p.Stats().Uncopied) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_publish_copy_timeouts_total", Help: "Batches confirmed after nats.copy_timeout without all their copies in other datacenters."}, func() float64 { return float64(p.Stats().CopyTimeouts) }),
+		gauge("invalidator_publish_copies_behind", "Messages of this datacenter's stream that the other datacenters (the durable_dcs-th copy) do not hold yet.", func() float64 { return float64(p.Stats().CopiesBehind) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_published_batches_total", Help: "Batches published since start."}, func() float64 { return float64(p.Stats().Batches) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_publish_retries_total", Help: "Batches published again after a failed or missing ack."}, func() float64 { return float64(p.Stats().Retries) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "invalidator_wal_reconnects_total", Help: "Replication connections made again: after a lost connection, or a handler's retry."}, func() float64 { return float64(s.Stats().Reconnects) }),

@@ -33,7 +33,8 @@ var ErrSlotLost = fmt.Errorf("%w: this pipeline ran before and its slot was lost
 
 // slotLossAdvice is the operator's way out with on_slot_loss: exit.
 const slotLossAdvice = "flush every datacenter's memcached pool (or set on_slot_loss: flush and restart, which does it once, announced on the stream), " +
-	"then delete the pipeline's state so that the next start creates a new slot: nats kv del " + bus.StateBucket + " <stream>.<slot> (RUNBOOK: slot lost)"
+	"then delete the pipeline's state so that the next start creates a new slot: nats kv del " + bus.StateBucket + " <stream>.<slot> " +
+	"(with nats.datacenters, from " + bus.StateBucket + "_<dc> of every datacenter) (RUNBOOK: slot lost)"
 
 // checkSlot decides, before the slot is set up, whether it was lost:
 // missing while this pipeline's state says it ran before, or invalidated.
@@ -46,7 +47,7 @@ func (r *Role) checkSlot(ctx context.Context) (lost bool, err error) {
 	}
 	r.system = sys
 	r.pub.SetTimeline(sys.Timeline)
-	st, ran, err := bus.LoadTailState(ctx, r.js, c.Publisher.Stream.Placement, c.Publisher.Stream.Name, c.WAL.Slot)
+	st, ran, err := bus.LoadTailState(ctx, r.js, c.state(), c.WAL.Slot)
 	if err != nil {
 		return false, err
 	}
@@ -111,6 +112,15 @@ func (r *Role) recover(ctx context.Context) error {
 	return r.saveState(ctx)
 }
 
+// state is where the pipeline's state is kept.
+func (c Config) state() bus.StateConfig {
+	if len(c.State.Locations) > 0 {
+		return c.State
+	}
+	s := c.Publisher.Stream
+	return bus.Layout{Base: s}.State("")
+}
+
 // saveState records the pipeline's state in JetStream: that it ran, on
 // which cluster, and its slot's confirmed position.
 func (r *Role) saveState(ctx context.Context) error {
@@ -121,7 +131,7 @@ func (r *Role) saveState(ctx context.Context) error {
 	if c := uint64(r.stream.Stats().ConfirmedLSN); c > st.ConfirmedLSN {
 		st.ConfirmedLSN = c
 	}
-	if err := bus.SaveTailState(ctx, r.js, r.cfg.Publisher.Stream.Placement, r.cfg.Publisher.Stream.Name, st); err != nil {
+	if err := bus.SaveTailState(ctx, r.js, r.cfg.state(), st); err != nil {
 		return err
 	}
 	r.state = st

@@ -80,6 +80,9 @@ func (d *daemon) Run(soft, hard context.Context) error {
 	}
 	defer srv.Close()
 
+	if err := d.ensureStream(gctx, conn); err != nil {
+		return err
+	}
 	if d.cfg.Purge != nil {
 		if err := d.runPurge(soft, gctx, g, conn); err != nil {
 			return err
@@ -181,11 +184,46 @@ func (d *daemon) tailConfig(rules *keys.Set) tail.Config {
 	}
 	tc.OnSlotLoss = c.OnSlotLoss
 	tc.Publisher.Origin = c.DC
-	tc.Publisher.Stream.Name, tc.Publisher.Stream.Placement = c.NATS.Stream, c.NATS.Placement
+	l := d.layout()
+	tc.Publisher.Stream = l.Stream(c.DC)
+	tc.Publisher.Remotes, tc.Publisher.RemoteNeed = l.Remotes(c.DC)
+	tc.Publisher.CopyTimeout = c.NATS.CopyTimeout
+	tc.State = l.State(c.DC)
 	tc.Batcher = batcher.Config{MaxPending: c.Batcher.MaxPending, Interval: c.Batcher.Interval}
 	tc.Store = d.storeConfig()
 	tc.Increments = bus.StreamConfig{Name: c.Increments.Stream, Placement: c.Increments.Placement}
 	return tc
+}
+
+// layout is the invalidation streams' layout (see bus.Layout).
+func (d *daemon) layout() bus.Layout { return layoutOf(d.cfg) }
+
+// layoutOf is cfg's invalidation streams' layout.
+func layoutOf(cfg *config.Config) bus.Layout {
+	n := cfg.NATS
+	return bus.Layout{Base: bus.StreamConfig{Name: n.Stream, Placement: n.Placement, Replicas: n.Replicas},
+		DCs: n.Datacenters, DurableDCs: n.DurableDCs}
+}
+
+// ensureStream creates this datacenter's stream of the per-datacenter
+// layout, which its purger reads even where no tail runs, and checks that
+// its cluster can hold the replicas asked for (bus.ErrReplicas: exit 2).
+// A cluster that does not answer is left to the roles, which retry.
+func (d *daemon) ensureStream(ctx context.Context, conn *bus.Conn) error {
+	l := d.layout()
+	if !l.Geo() && d.cfg.NATS.Replicas <= 1 {
+		return nil
+	}
+	sctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	_, err := bus.EnsureStream(sctx, conn.JetStream(), l.Stream(d.cfg.DC))
+	if errors.Is(err, bus.ErrReplicas) {
+		return fmt.Errorf("%w: nats.replicas: %w", ErrConfig, err)
+	}
+	if err != nil {
+		d.log.Warn("cannot create or check this datacenter's stream yet; the roles retry", zap.Error(err))
+	}
+	return nil
 }
 
 // storeConfig is the counter store's Config.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -81,6 +82,9 @@ type world struct {
 	ctx   context.Context
 	pools map[string]*mcpool.Pool
 	inv   map[string]*proc
+	// nats is the config's nats: section past url; default: one stream
+	// in dc1.
+	nats string
 }
 
 const schema = `
@@ -101,7 +105,7 @@ postgres:
 nats:
   url: %s
   stream: INVALIDATIONS
-  placement: dc1
+%s
 tail: %t
 purge:
   servers: [%s]
@@ -119,14 +123,25 @@ messages:
   prefix: invalidate
 http:
   listen: off
-`, dc, w.env.Primary.DSN(""), d.NATS.URL(), tail, strings.Join(d.MemcachedAddrs(), ", "), d.Replica.DSN(""))
+`, dc, w.env.Primary.DSN(""), d.NATS.URL(), w.natsConfig(), tail, strings.Join(d.MemcachedAddrs(), ", "), d.Replica.DSN(""))
 }
 
-func newWorld(t *testing.T) *world {
+func (w *world) natsConfig() string {
+	if w.nats != "" {
+		return w.nats
+	}
+	return "  placement: dc1"
+}
+
+func newWorld(t *testing.T) *world { return newWorldNATS(t, "") }
+
+// newWorldNATS starts the world with nats (the config's nats: lines past
+// url and stream).
+func newWorldNATS(t *testing.T, nats string) *world {
 	env := testenv.New(t, testenv.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	t.Cleanup(cancel)
-	w := &world{t: t, env: env, ctx: ctx, pools: map[string]*mcpool.Pool{}, inv: map[string]*proc{}}
+	w := &world{t: t, env: env, ctx: ctx, pools: map[string]*mcpool.Pool{}, inv: map[string]*proc{}, nats: nats}
 	if err := env.Primary.Exec(ctx, schema); err != nil {
 		t.Fatal(err)
 	}
@@ -436,6 +451,46 @@ func TestKillTailerUnderLoad(t *testing.T) {
 	}
 }
 
+// TestPerDatacenterLayout runs the daemons with nats.datacenters: each
+// DC's purger reads its own stream, which copies the other's. Keys of the
+// tail in dc1 are purged in both DCs; after the tail moves to dc2 (dc1's
+// tail killed), its keys reach dc1's pool through dc1's copy. check
+// reports both streams with their sources.
+func TestPerDatacenterLayout(t *testing.T) {
+	w := newWorldNATS(t, "  datacenters: [dc1, dc2]\n  durable_dcs: 2")
+	w.set("dc1", "item:1", "item:2")
+	w.set("dc2", "item:1", "item:2")
+	w.exec("INSERT INTO items (id) VALUES (1), (2)")
+	w.waitGone(30*time.Second, "item:1", "item:2")
+
+	// The tail moves to dc2.
+	w.inv["dc1"].kill()
+	w.inv["dc1"] = startInvalidator(t, "invalidator-dc1-purge", w.config("dc1", false))
+	w.inv["dc2-tail"] = startInvalidator(t, "invalidator-dc2-tail", regexp.MustCompile(`purge:\n(  .*\n)+`).ReplaceAllString(w.config("dc2", true), ""))
+	for i := 3; i < 8; i++ {
+		k := fmt.Sprintf("item:%d", i)
+		w.set("dc1", k)
+		w.set("dc2", k)
+	}
+	w.exec("INSERT INTO items (id) SELECT g FROM generate_series(3, 7) g")
+	w.waitGone(60*time.Second, "item:3", "item:4", "item:5", "item:6", "item:7")
+
+	cfg, rules, err := config.Parse([]byte(w.config("dc1", false)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := Check(w.ctx, cfg, rules, &out); err != nil {
+		t.Fatalf("check: %v\n%s", err, out.String())
+	}
+	for _, want := range []string{"stream INVALIDATIONS_dc1: cluster \"dc1\"", "stream INVALIDATIONS_dc2: cluster \"dc2\"",
+		"source INVALIDATIONS_dc2 (pgcache.invalidations.dc2)", "source INVALIDATIONS_dc1 (pgcache.invalidations.dc1)"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("check output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
 func TestCheck(t *testing.T) {
 	env := testenv.New(t, testenv.Options{NoNATS: true, NoReplicas: true, MemcachedPerDC: -1, DCs: 1})
 	ctx := context.Background()
@@ -506,6 +561,28 @@ purge: {servers: ["127.0.0.1:1"]}
 	}
 }
 
+func TestParseNATSLayout(t *testing.T) {
+	cfg, _, err := config.Parse([]byte("dc: dc2\nnats: {url: nats://x:4222, replicas: 3, datacenters: [dc1, dc2, dc3]}\npurge: {servers: [a:1]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := layoutOf(cfg)
+	s := l.Stream("dc2")
+	if s.Name != "INVALIDATIONS_dc2" || s.Placement != "dc2" || s.Replicas != 3 || len(s.Sources) != 2 {
+		t.Errorf("dc2's stream: got %+v; want INVALIDATIONS_dc2 in dc2, 3 replicas, 2 sources", s)
+	}
+	if r, need := l.Remotes("dc2"); len(r) != 2 || need != 1 || cfg.NATS.DurableDCs != 2 {
+		t.Errorf("remotes: got %d, need %d, durable_dcs %d; want 2, 1, 2", len(r), need, cfg.NATS.DurableDCs)
+	}
+	cfg, _, err = config.Parse([]byte("dc: dc1\nnats: {url: nats://x:4222}\npurge: {servers: [a:1]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := layoutOf(cfg).Stream("dc1"); s.Name != "INVALIDATIONS" || s.Placement != "dc1" || s.Replicas != 1 {
+		t.Errorf("default layout: got %+v; want one stream INVALIDATIONS in dc1, 1 replica", s)
+	}
+}
+
 func TestParseConfigErrors(t *testing.T) {
 	for _, tc := range []struct{ name, yaml, want string }{
 		{"unknown field", "dc: dc1\ntail: true\ntypo: 1\n", "field typo not found"},
@@ -514,6 +591,13 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad hash", "dc: dc1\npurge: {servers: [a:1], hash: crc}\n", "purge.hash"},
 		{"bad template", "dc: dc1\ntail: true\npostgres: {dsn: x}\nrules: [{table: t, keys: [\"k:{id\"]}]\n", "rules"},
 		{"counters", "dc: dc1\npurge: {servers: [a:1]}\ncounters: [{name: x}]\n", "counters"},
+		{"even replicas", "dc: dc1\nnats: {url: nats://x:4222, replicas: 2}\npurge: {servers: [a:1]}\n", "nats.replicas 2"},
+		{"replicas embedded", "dc: dc1\nnats: {replicas: 3}\npurge: {servers: [a:1]}\n", "need nats.url"},
+		{"dc not listed", "dc: dc3\nnats: {url: nats://x:4222, datacenters: [dc1, dc2]}\npurge: {servers: [a:1]}\n", "does not list this dc"},
+		{"durable too many", "dc: dc1\nnats: {url: nats://x:4222, datacenters: [dc1, dc2], durable_dcs: 3}\npurge: {servers: [a:1]}\n", "nats.durable_dcs 3"},
+		{"durable alone", "dc: dc1\nnats: {url: nats://x:4222, durable_dcs: 2}\npurge: {servers: [a:1]}\n", "need nats.datacenters"},
+		{"placement with datacenters", "dc: dc1\nnats: {url: nats://x:4222, placement: dc2, datacenters: [dc1, dc2]}\npurge: {servers: [a:1]}\n", "remove placement"},
+		{"repeated dc", "dc: dc1\nnats: {url: nats://x:4222, datacenters: [dc1, dc1]}\npurge: {servers: [a:1]}\n", "repeated"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := config.Parse([]byte(tc.yaml))

@@ -17,7 +17,7 @@ import (
 // unacked and come again.
 func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, conn *bus.Conn) error {
 	pc := d.cfg.Purge
-	rc := purge.RoleConfig{Purger: purge.DefaultConfig(), Pool: mcpool.DefaultConfig(), Stream: d.cfg.NATS.Stream,
+	rc := purge.RoleConfig{Purger: purge.DefaultConfig(), Pool: mcpool.DefaultConfig(), Stream: d.layout().Stream(d.cfg.DC).Name,
 		Gate: purge.GateConfig{DSN: pc.ReplicaDSN, MaxWait: pc.GateMaxWait}}
 	rc.Pool.Servers, rc.Pool.Hash, rc.Pool.Timeout = pc.Servers, pc.Hash, pc.Timeout
 	rc.Purger.DC, rc.Purger.Mode, rc.Purger.StaleTTL, rc.Purger.Timeout = d.cfg.DC, pc.Mode, pc.StaleTTL, pc.Timeout
