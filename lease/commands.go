@@ -264,7 +264,7 @@ func (c *conn) getMany(ctx context.Context, keys []string, touch bool, exptime i
 		for i := range got {
 			if errs[i] != nil {
 				s.st.backendErrors.Add(1)
-				got[i] = getResult{}
+				got[i] = getResult{waited: got[i].waited}
 				continue
 			}
 			c.touchResult(ctx, read[i], &got[i], touch, exptime)
@@ -299,7 +299,7 @@ func (c *conn) getOne(ctx context.Context, key string, touch bool, exptime int64
 	r, err := c.s.l.get(ctx, key)
 	if err != nil {
 		c.s.st.backendErrors.Add(1)
-		return getResult{}
+		return getResult{waited: r.waited}
 	}
 	c.touchResult(ctx, key, &r, touch, exptime)
 	return r

@@ -21,8 +21,17 @@ type shard struct {
 	mu sync.Mutex // guards flights and the fields of every flight in it
 	// flights maps a key to what this proxy has under way for it.
 	flights map[string]*flight
-	_       [48]byte // one cache line per shard
+	// free holds flights of reads nobody joined, for reuse (at most
+	// maxFree): most reads are hits that no other read of the key
+	// overlaps.
+	free []*flight
+	// sets maps a key to its groups of sets under way (setgroups.go).
+	sets map[string]*keySets
+	_    [16]byte // one cache line per shard
 }
+
+// maxFree bounds a shard's free flights.
+const maxFree = 8
 
 // flight is what this proxy has under way for one key: a read whose
 // answer has not come (reading), a poller serving waiters (polling), or
@@ -33,6 +42,8 @@ type shard struct {
 // poller, which gets it alone. All fields are guarded by the shard's mu,
 // but out, which is written once before done is closed.
 type flight struct {
+	// sh is the shard of the flight's key.
+	sh *shard
 	// reading: a client's read (mg N) of the key is in flight; its answer
 	// decides for the readers who joined meanwhile.
 	reading bool
@@ -112,7 +123,14 @@ func (l *leaser) begin(key string) (f *flight, w *waiter) {
 	sh.mu.Lock()
 	f = sh.flights[key]
 	if f == nil {
-		f = flightPool.Get().(*flight)
+		if n := len(sh.free); n > 0 {
+			f = sh.free[n-1]
+			sh.free[n-1] = nil
+			sh.free = sh.free[:n-1]
+		} else {
+			f = new(flight)
+		}
+		f.sh = sh
 		f.reading = true
 		sh.flights[key] = f
 		sh.mu.Unlock()
@@ -131,14 +149,10 @@ func (l *leaser) begin(key string) (f *flight, w *waiter) {
 	return f, w
 }
 
-// flightPool recycles the flights of reads nobody joined: most reads
-// are hits that no other read of the key overlaps.
-var flightPool = sync.Pool{New: func() any { return new(flight) }}
-
 // settle ends f with o: every waiter that has not left gets it, and the
 // key's next reader asks memcached again.
 func (l *leaser) settle(key string, f *flight, o outcome) {
-	sh := l.shardOf(key)
+	sh := f.sh
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	l.settleLocked(sh, key, f, o)
@@ -166,17 +180,19 @@ func (l *leaser) settleLocked(sh *shard, key string, f *flight, o outcome) {
 // it if no one joined: then no one else holds it, as it was reachable
 // only through the shard until now.
 func (l *leaser) settleRead(key string, f *flight, o outcome) {
-	sh := l.shardOf(key)
+	sh := f.sh
 	sh.mu.Lock()
 	if f.done == nil && f.leased == 0 && sh.flights[key] == f {
 		delete(sh.flights, key)
+		if len(sh.free) < maxFree {
+			*f = flight{}
+			sh.free = append(sh.free, f)
+		}
 		sh.mu.Unlock()
-		*f = flight{}
-		flightPool.Put(f)
 		return
 	}
+	l.settleLocked(sh, key, f, o)
 	sh.mu.Unlock()
-	l.settle(key, f, o)
 }
 
 // leasedRead ends the read of f that won a lease for this proxy's
@@ -184,7 +200,7 @@ func (l *leaser) settleRead(key string, f *flight, o outcome) {
 // none, f stays as a mark of the lease (if won recorded it) for the
 // readers to come.
 func (l *leaser) leasedRead(key string, f *flight) {
-	sh := l.shardOf(key)
+	sh := f.sh
 	sh.mu.Lock()
 	f.reading = false
 	start := f.live > 0
@@ -211,7 +227,7 @@ func (l *leaser) idleLocked(sh *shard, key string, f *flight) {
 // await makes the reader of f a waiter of it, after its read found
 // another client's lease, and starts the poller if none runs.
 func (l *leaser) await(key string, f *flight) *waiter {
-	sh := l.shardOf(key)
+	sh := f.sh
 	sh.mu.Lock()
 	f.reading = false
 	w := f.joinLocked()
@@ -304,7 +320,11 @@ func (l *leaser) goPoll(key string, f *flight) {
 // start) is over.
 func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, start time.Time) (getResult, error) {
 	l.st.waits.Add(1)
-	t := time.NewTimer(l.cfg.Wait - l.now().Sub(start))
+	now := l.now()
+	if start.IsZero() {
+		start = now
+	}
+	t := time.NewTimer(l.cfg.Wait - now.Sub(start))
 	defer t.Stop()
 	var o outcome
 	select {
@@ -337,7 +357,9 @@ func (l *leaser) wait(ctx context.Context, key string, f *flight, w *waiter, sta
 		// The poller recorded the lease for this client.
 		return getResult{lease: o.item.cas, unrecorded: w.unrecorded}, nil
 	}
-	return getResult{}, o.err
+	// The read this one joined failed or found no value, or the poller
+	// gave up: a miss, after a wait, as at the end of Lease.Wait.
+	return getResult{waited: true}, o.err
 }
 
 // outcomeOf is w's outcome once f is done or w was picked.
@@ -353,7 +375,7 @@ func (l *leaser) outcomeOf(f *flight, w *waiter) outcome {
 // leave takes w out of f; false when it already has an outcome (f is
 // done, or w was picked for a lease).
 func (l *leaser) leave(key string, f *flight, w *waiter) bool {
-	sh := l.shardOf(key)
+	sh := f.sh
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if w.picked.Load() {
@@ -373,7 +395,7 @@ func (l *leaser) leave(key string, f *flight, w *waiter) bool {
 // PollMin to PollMax, until it can answer them all or none is left.
 func (l *leaser) poll(key string, f *flight) {
 	defer l.wg.Done()
-	sh := l.shardOf(key)
+	sh := f.sh
 	delay := l.cfg.PollMin
 	t := time.NewTimer(delay)
 	defer t.Stop()

@@ -14,35 +14,51 @@ import (
 	"github.com/pgcache/pgcache/testenv"
 )
 
-// TestHerdSetsAfterWait: a herd whose fill comes later than Lease.Wait.
+// The herd tests below: a herd whose fill comes later than Lease.Wait.
 // Every waiter gets a miss at the end of its wait, fills from the
-// database and sends a set. Those sets must cost the proxy nothing in
-// memcached: they are not the lease's fill, and the lease's winner is
-// filling. (Before, each such set read the key's lease record through the
-// one connection to its server, and then stored or compared and swapped:
-// about three requests per client. A herd of thousands queued them past
-// the pool's timeout, and the timeouts opened the breaker of a healthy
-// server, failing every key on it.)
+// database and sends a set. Those sets must not cost the proxy a few
+// memcached requests each: before, each read the key's lease record
+// through the one connection to its server and then stored or compared
+// and swapped, about three requests per client. A herd of thousands
+// queued them past the pool's timeout, and the timeouts opened the
+// breaker of a healthy server, failing every key on it.
 //
-// The memcached link has 250ms of latency each way, so that the lease
+// The memcached link has 200ms of latency each way, so that the lease
 // (one read, then the record's read and write) is handed out after every
 // waiter's wait is over, and the pool's connection (1024 requests in
-// flight, 1s timeout: leaseproxy's defaults) carries about 2,000
-// requests per second: the herd's sets on the old code took longer than
-// the pool's timeout.
-func TestHerdSetsAfterWait(t *testing.T) {
-	const (
-		n       = 2500
-		latency = 250 * time.Millisecond
-		fill    = 50 * time.Millisecond // the database query
-	)
+// flight, 1s timeout: leaseproxy's defaults) carries about 2,500 requests
+// per second: the herd's sets on the old code took longer than the
+// pool's timeout.
+const (
+	herdN       = 2500
+	herdSetters = 500 // connections of the pooled clients' set pool
+	herdLatency = 200 * time.Millisecond
+	herdFill    = 50 * time.Millisecond // the database query
+)
+
+// herdOutcome is what a slow-fill herd did.
+type herdOutcome struct {
+	stored, notStored, misses int64
+	st                        Stats
+	pool                      mcpool.ServerStats
+	final                     string
+	found                     bool
+}
+
+// runSlowFillHerd runs herdN clients on one key through a proxy whose
+// memcached link is slowed (see above). With pooled, the clients send
+// their sets on another pool of herdSetters connections, each shared by
+// several clients, as clients that pool connections do: no connection
+// ties a set to its client's get.
+func runSlowFillHerd(t *testing.T, pooled bool) herdOutcome {
+	t.Helper()
 	mcs := testenv.NewMemcacheds(t, 1)
 	link, err := testenv.StartLink("memcached", mcs[0].Addr)
 	if err != nil {
 		t.Fatalf("link: %v", err)
 	}
 	t.Cleanup(func() { _ = link.Close() })
-	link.SetLatency(latency)
+	link.SetLatency(herdLatency)
 
 	pcfg := mcpool.DefaultConfig()
 	pcfg.Servers = []string{link.Addr}
@@ -55,23 +71,37 @@ func TestHerdSetsAfterWait(t *testing.T) {
 	testenv.Eventually(t, 10*time.Second, "the pool's connection", func() bool { return pool.Stats()[0].Conns == 1 })
 	cfg := DefaultConfig() // Lease.Wait 250ms
 	cfg.Lease.TTL = 5 * time.Second
+	cfg.MaxConns = herdN + herdSetters + 10
 	p := startProxyOn(t, cfg, NewPoolBackend(pool))
 
-	clients := make([]*client, n)
-	for i := range clients {
-		clients[i] = dial(t, p.Addr)
+	getters := make([]*client, herdN)
+	for i := range getters {
+		getters[i] = dial(t, p.Addr)
+	}
+	setter := func(i int) (*client, func()) { return getters[i], func() {} }
+	if pooled {
+		setters := make([]*client, herdSetters)
+		locks := make([]sync.Mutex, herdSetters)
+		for i := range setters {
+			setters[i] = dial(t, p.Addr)
+		}
+		setter = func(i int) (*client, func()) {
+			j := i % herdSetters
+			locks[j].Lock()
+			return setters[j], locks[j].Unlock
+		}
 	}
 	key := "herd:slowfill"
 	var stored, notStored, misses atomic.Int64
-	errs := make([]error, n)
+	errs := make([]error, herdN)
 	start := make(chan struct{})
 	var wg sync.WaitGroup
-	for i, c := range clients {
+	for i := range getters {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			<-start
-			vs, err := c.get("get " + key)
+			vs, err := getters[i].get("get " + key)
 			if err != nil {
 				errs[i] = fmt.Errorf("get: %w", err)
 				return
@@ -80,10 +110,12 @@ func TestHerdSetsAfterWait(t *testing.T) {
 				return
 			}
 			misses.Add(1)
-			time.Sleep(fill)
+			time.Sleep(herdFill)
+			c, done := setter(i)
 			v := fmt.Sprintf("from-db-%d", i)
 			c.send(fmt.Sprintf("set %s 0 0 %d\r\n%s\r\n", key, len(v), v))
 			l, err := c.br.ReadString('\n')
+			done()
 			switch l {
 			case "STORED\r\n":
 				stored.Add(1)
@@ -106,29 +138,50 @@ func TestHerdSetsAfterWait(t *testing.T) {
 		}
 	}
 	if failed > 0 {
-		t.Errorf("%d of %d clients failed", failed, n)
+		t.Errorf("%d of %d clients failed", failed, herdN)
 	}
-	st, ps := p.Stats(), pool.Stats()[0]
-	t.Logf("misses %d, stored %d, not stored %d; proxy: wins %d, wait timeouts %d, fills %d, refused %d; pool: requests %d, failures %d, rejected %d, breaker opens %d",
-		misses.Load(), stored.Load(), notStored.Load(), st.LeaseWins, st.LeaseWaitTimeouts, st.Fills, st.RefusedFills,
-		ps.Requests, ps.Failures, ps.Rejected, ps.Opens)
-	if st.LeaseWaitTimeouts < n/2 {
-		t.Fatalf("got %d wait timeouts; want most of the %d clients' waits over before the fill (the test's premise)", st.LeaseWaitTimeouts, n)
+	o := herdOutcome{stored: stored.Load(), notStored: notStored.Load(), misses: misses.Load(), st: p.Stats(), pool: pool.Stats()[0]}
+	o.final, o.found = dial(t, p.Addr).get1(key)
+	t.Logf("misses %d, stored %d, not stored %d; proxy: wins %d, wait timeouts %d, fills %d, refused %d (waited %d), grouped sets %d; pool: requests %d, failures %d, rejected %d, breaker opens %d",
+		o.misses, o.stored, o.notStored, o.st.LeaseWins, o.st.LeaseWaitTimeouts, o.st.Fills, o.st.RefusedFills, o.st.RefusedWaited,
+		o.st.GroupedSets, o.pool.Requests, o.pool.Failures, o.pool.Rejected, o.pool.Opens)
+	if o.st.LeaseWaitTimeouts < herdN/2 {
+		t.Fatalf("got %d wait timeouts; want most of the %d clients' waits over before the fill (the test's premise)", o.st.LeaseWaitTimeouts, herdN)
 	}
-	if got := stored.Load(); got != 1 {
-		t.Errorf("got %d sets stored; want 1 (the lease's fill)", got)
-	}
-	if st.LeaseWins != 1 || st.Fills != 1 {
-		t.Errorf("got %d lease wins and %d fills; want 1 and 1", st.LeaseWins, st.Fills)
-	}
-	if ps.Opens != 0 || ps.Failures != 0 || ps.Rejected != 0 {
-		t.Errorf("got %d breaker opens, %d failed and %d rejected requests; want none (the server is healthy)", ps.Opens, ps.Failures, ps.Rejected)
+	if o.pool.Opens != 0 || o.pool.Failures != 0 || o.pool.Rejected != 0 {
+		t.Errorf("got %d breaker opens, %d failed and %d rejected requests; want none (the server is healthy)", o.pool.Opens, o.pool.Failures, o.pool.Rejected)
 	}
 	// The herd cost the proxy a handful of requests, not a few per client.
-	if ps.Requests > 50 {
-		t.Errorf("got %d requests to memcached for a herd of %d; want at most 50", ps.Requests, n)
+	if o.pool.Requests > 50 {
+		t.Errorf("got %d requests to memcached for a herd of %d; want at most 50", o.pool.Requests, herdN)
 	}
-	if v, ok := dial(t, p.Addr).get1(key); !ok || !strings.HasPrefix(v, "from-db-") {
-		t.Errorf("after the herd: got %q, %v; want the fill's value", v, ok)
+	if o.st.LeaseWins != 1 {
+		t.Errorf("got %d lease wins; want 1", o.st.LeaseWins)
+	}
+	if !o.found || !strings.HasPrefix(o.final, "from-db-") {
+		t.Errorf("after the herd: got %q, %v; want a value filled from the database", o.final, o.found)
+	}
+	return o
+}
+
+// TestHerdSetsAfterWait: each client sets on the connection of its get.
+// The waiters' sets are refused at once: only the lease's fill is stored.
+func TestHerdSetsAfterWait(t *testing.T) {
+	o := runSlowFillHerd(t, false)
+	if o.stored != 1 || o.st.Fills != 1 {
+		t.Errorf("got %d sets stored and %d lease fills; want 1 and 1 (the lease's fill)", o.stored, o.st.Fills)
+	}
+	if o.st.RefusedWaited != herdN-1 {
+		t.Errorf("got %d sets refused after a wait; want %d", o.st.RefusedWaited, herdN-1)
+	}
+}
+
+// TestHerdSetsOtherConnection: each client sets on another connection
+// than its get, so no connection ties its set to its wait. The sets are
+// checked in groups: a few requests for the whole herd.
+func TestHerdSetsOtherConnection(t *testing.T) {
+	o := runSlowFillHerd(t, true)
+	if o.st.GroupedSets < herdN/2 {
+		t.Errorf("got %d grouped sets; want most of the %d", o.st.GroupedSets, herdN)
 	}
 }

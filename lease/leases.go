@@ -34,9 +34,10 @@ type getResult struct {
 	lease uint64
 	// unrecorded: the lease's record could not be written to memcached.
 	unrecorded bool
-	// waited: a miss because the read's wait for another client's fill
-	// (Lease.Wait) ran out. The client's set that follows is not a fill
-	// (see boundLease.waited).
+	// waited: a miss after a wait for another client's fill or read of
+	// the key: Lease.Wait ran out, the read it joined failed, or the
+	// poller gave up. The client's set that follows is not a fill (see
+	// boundLease.waited).
 	waited bool
 }
 
@@ -163,13 +164,14 @@ func (l *leaser) get(ctx context.Context, key string) (getResult, error) {
 		resp, err := l.be.MetaGet(ctx, key, plainGetFlags...)
 		return l.plainResult(ctx, key, &resp, err)
 	}
-	start := l.now()
 	f, w := l.begin(key)
 	if w != nil {
-		return l.wait(ctx, key, f, w, start)
+		return l.wait(ctx, key, f, w, l.now())
 	}
+	// A wait after the read, if it finds another client's lease, counts
+	// from then (a zero start): a hit reads no clock.
 	resp, err := l.be.MetaGet(ctx, key, l.getFlags...)
-	return l.result(ctx, key, f, &resp, err, start)
+	return l.result(ctx, key, f, &resp, err, time.Time{})
 }
 
 // multiGetter is a Backend that pipelines the reads of many keys

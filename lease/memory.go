@@ -210,8 +210,9 @@ type boundLease struct {
 	cas        uint64
 	unrecorded bool
 	// waited: the client got a miss at the end of its wait for another
-	// client's lease. Its set of the key within Lease.TTL of that miss
-	// is refused at once (see fill).
+	// client's lease or read of the key (Lease.Wait ran out, or the read
+	// or poll it waited for failed). Its set of the key within Lease.TTL
+	// of that miss is refused at once (see fill).
 	waited bool
 }
 
@@ -234,7 +235,8 @@ func (l *leaser) fill(ctx context.Context, key string, bound boundLease, add boo
 	}
 	if bound.waited {
 		// The client waited for another client's fill, got a miss at the
-		// end of Lease.Wait, and filled itself: its set is not the
+		// end of its wait (Lease.Wait ran out, or the read or poll it
+		// waited for failed), and filled itself: its set is not the
 		// lease's fill, which the lease's winner is making (a herd whose
 		// fill is slower than Lease.Wait). It is refused here, with no
 		// request to memcached: a herd of N such sets would otherwise
@@ -258,28 +260,9 @@ func (l *leaser) fill(ctx context.Context, key string, bound boundLease, add boo
 		}
 		return l.chained(ctx, key, local.cas, add, value, flags, exptime)
 	}
-	rec, ok, err := l.readRecord(ctx, key)
-	if err != nil {
-		// Without the record the set cannot be checked: refusing costs a
-		// miss, storing might store a stale value (I2). The client gets
-		// the error.
-		l.st.checkFailed.Add(1)
-		l.st.refused.Add(1)
-		return fillRefused, fmt.Errorf("read lease record: %w", err)
-	}
-	now := l.now().Unix()
-	switch {
-	case ok && rec.brokenUntil > now:
-		l.st.refused.Add(1)
-		l.st.refusedBroken.Add(1)
-		return fillRefused, nil
-	case !ok || !rec.outstanding(now, l.cfg.memorySeconds()):
-		return fillPlain, nil
-	}
-	if !hadLocal || local.cas != rec.cas {
-		l.st.foreignFills.Add(1)
-	}
-	return l.chained(ctx, key, rec.cas, add, value, flags, exptime)
+	// Checked against the lease record, with the sets of the key that
+	// arrive meanwhile (setgroups.go).
+	return l.groupedFill(ctx, key, hadLocal, local.cas, add, value, flags, exptime)
 }
 
 // boundFill stores the fill of the lease that key's client got on this

@@ -70,6 +70,7 @@ func NewCollector(namespace string, s *Server, servers func() []mcpool.ServerSta
 	add("lease_broken_total", "Leases won while an earlier lease of the key was still outstanding: sets not tied to a lease are refused until that lease's memory ends.", func(s *Stats) uint64 { return s.BrokenLeases })
 	add("lease_refused_broken_total", "Sets refused because their key's lease record was broken.", func(s *Stats) uint64 { return s.RefusedBroken })
 	add("lease_refused_waited_total", "Sets refused at once, without a request to memcached, because their client got a miss at the end of its wait for another client's fill (within Lease.TTL of it).", func(s *Stats) uint64 { return s.RefusedWaited })
+	add("lease_grouped_sets_total", "Sets not tied to a lease that were checked and answered together with another set of their key under way, without a request of their own to memcached.", func(s *Stats) uint64 { return s.GroupedSets })
 	add("lease_refused_fills_total", "Fills refused: invalidated or expired lease, or lease record unreadable.", func(s *Stats) uint64 { return s.RefusedFills })
 	add("lease_check_failures_total", "Lease record reads that failed, refusing the fill.", func(s *Stats) uint64 { return s.CheckFailures })
 	add("protocol_errors_total", "Bad command lines and data blocks from clients.", func(s *Stats) uint64 { return s.ProtocolErrors })

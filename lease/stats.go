@@ -36,6 +36,7 @@ type Stats struct {
 	BrokenLeases      uint64 // leases won while an earlier lease of the key was still outstanding (its record marked broken)
 	RefusedBroken     uint64 // of the refused fills, sets refused because the key's record was broken
 	RefusedWaited     uint64 // of the refused fills, sets refused at once because their client got a miss at the end of a wait for another client's fill
+	GroupedSets       uint64 // sets not tied to a lease answered with another set of their key that was under way, without a request of their own
 
 	ProtocolErrors uint64 // bad command lines
 	BackendErrors  uint64 // pool requests that failed
@@ -50,7 +51,7 @@ type counters struct {
 	hits, misses                                                     atomic.Uint64
 	wins, waits, joins, waitTimeouts, polls, releases, staleServes   atomic.Uint64
 	fills, foreignFills, refused, checkFailed                        atomic.Uint64
-	broken, refusedBroken, refusedWaited, takeovers                  atomic.Uint64
+	broken, refusedBroken, refusedWaited, groupedSets, takeovers     atomic.Uint64
 	protocolErrors, backendErrors, writeTimeouts                     atomic.Uint64
 
 	// waitBuckets[i] counts waits of at most waitBounds[i]; the last one
@@ -106,6 +107,7 @@ func (c *counters) snapshot() Stats {
 		BrokenLeases:      c.broken.Load(),
 		RefusedBroken:     c.refusedBroken.Load(),
 		RefusedWaited:     c.refusedWaited.Load(),
+		GroupedSets:       c.groupedSets.Load(),
 		ProtocolErrors:    c.protocolErrors.Load(),
 		BackendErrors:     c.backendErrors.Load(),
 		WriteTimeouts:     c.writeTimeouts.Load(),
@@ -143,6 +145,7 @@ func (s Stats) statLines() [][2]string {
 		{"lease_broken", u(s.BrokenLeases)},
 		{"lease_refused_broken", u(s.RefusedBroken)},
 		{"lease_refused_waited", u(s.RefusedWaited)},
+		{"lease_grouped_sets", u(s.GroupedSets)},
 		{"protocol_errors", u(s.ProtocolErrors)},
 		{"backend_errors", u(s.BackendErrors)},
 		{"write_timeouts", u(s.WriteTimeouts)},
