@@ -40,7 +40,7 @@ func TestLayoutStreams(t *testing.T) {
 		t.Errorf("geo remotes: got %v need %d; want INV_dc1, INV_dc3, need 1", r, need)
 	}
 	st := geo.State("dc2")
-	if len(st.Locations) != 3 || st.Locations[0] != (bus.StateLocation{Bucket: bus.StateBucket + "_dc2", Placement: "dc2"}) || st.Pipeline != "INV" {
+	if len(st.Locations) != 3 || st.Locations[0] != (bus.StateLocation{Bucket: bus.StateBucket + "_dc2", Placement: "dc2", Replicas: 3}) || st.Pipeline != "INV" {
 		t.Errorf("geo state: got %+v; want dc2's bucket first", st)
 	}
 	for _, tc := range []struct {

@@ -48,6 +48,7 @@ type StateConfig struct {
 type StateLocation struct {
 	Bucket    string
 	Placement string
+	Replicas  int // 0 means 1
 }
 
 // State is where datacenter dc keeps the tail state: the one bucket
@@ -57,13 +58,13 @@ func (l Layout) State(dc string) StateConfig {
 	b := l.base()
 	sc := StateConfig{Pipeline: b.Name}
 	if !l.Geo() {
-		sc.Locations = []StateLocation{{Bucket: StateBucket, Placement: b.Placement}}
+		sc.Locations = []StateLocation{{Bucket: StateBucket, Placement: b.Placement, Replicas: b.Replicas}}
 		return sc
 	}
-	sc.Locations = append(sc.Locations, StateLocation{Bucket: StateBucket + "_" + dc, Placement: dc})
+	sc.Locations = append(sc.Locations, StateLocation{Bucket: StateBucket + "_" + dc, Placement: dc, Replicas: b.Replicas})
 	for _, o := range l.DCs {
 		if o != dc {
-			sc.Locations = append(sc.Locations, StateLocation{Bucket: StateBucket + "_" + o, Placement: o})
+			sc.Locations = append(sc.Locations, StateLocation{Bucket: StateBucket + "_" + o, Placement: o, Replicas: b.Replicas})
 		}
 	}
 	return sc
@@ -87,7 +88,8 @@ func stateBucket(ctx context.Context, js jetstream.JetStream, loc StateLocation)
 	if !errors.Is(err, jetstream.ErrBucketNotFound) {
 		return nil, fmt.Errorf("bus: open %s: %w", loc.Bucket, err)
 	}
-	cfg := jetstream.KeyValueConfig{Bucket: loc.Bucket, Description: "pgcache: what each tail pipeline knows of its slot", History: 1, Storage: jetstream.FileStorage}
+	cfg := jetstream.KeyValueConfig{Bucket: loc.Bucket, Description: "pgcache: what each tail pipeline knows of its slot", History: 1,
+		Storage: jetstream.FileStorage, Replicas: max(loc.Replicas, 1)}
 	if loc.Placement != "" {
 		cfg.Placement = &jetstream.Placement{Cluster: loc.Placement}
 	}

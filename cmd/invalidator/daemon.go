@@ -191,7 +191,7 @@ func (d *daemon) tailConfig(rules *keys.Set) tail.Config {
 	tc.State = l.State(c.DC)
 	tc.Batcher = batcher.Config{MaxPending: c.Batcher.MaxPending, Interval: c.Batcher.Interval}
 	tc.Store = d.storeConfig()
-	tc.Increments = bus.StreamConfig{Name: c.Increments.Stream, Placement: c.Increments.Placement}
+	tc.Increments = bus.StreamConfig{Name: c.Increments.Stream, Placement: c.Increments.Placement, Replicas: c.NATS.Replicas}
 	return tc
 }
 
