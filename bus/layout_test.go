@@ -2,6 +2,7 @@ package bus_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -79,6 +80,12 @@ func TestLayoutDurableOutsideWriter(t *testing.T) {
 		if _, err := bus.EnsureStream(ctx, j, l.Stream(dc)); err != nil {
 			t.Fatal(err)
 		}
+	}
+
+	// One server per cluster here: three replicas cannot be placed, and
+	// the error says so by name.
+	if _, err := bus.EnsureStream(ctx, js["dc1"], bus.StreamConfig{Name: "R3", Subject: "r3", Placement: "dc1", Replicas: 3}); !errors.Is(err, bus.ErrReplicas) {
+		t.Errorf("3 replicas on a one-server cluster: got %v; want ErrReplicas", err)
 	}
 
 	var mu sync.Mutex
