@@ -26,6 +26,7 @@ import (
 // cannot serve, as memcached 1.6.18 stamps some lines up to a second late.
 type watcher struct {
 	conn    net.Conn
+	hb      net.Conn // the heartbeat's connection
 	prefix  string
 	mu      sync.Mutex // guards seen and skipped
 	seen    map[int64]time.Time
@@ -48,7 +49,26 @@ func watch(addr, prefix string) (*watcher, error) {
 		c.Close()
 		return nil, fmt.Errorf("watch %s: %q %v", addr, line, err)
 	}
-	w := &watcher{conn: c, prefix: prefix, seen: map[int64]time.Time{}, done: make(chan struct{})}
+	hb, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	w := &watcher{conn: c, hb: hb, prefix: prefix, seen: map[int64]time.Time{}, done: make(chan struct{})}
+	// memcached's logger thread sleeps longer and longer (up to a
+	// second) while it finds nothing to log, and a burst that comes while
+	// it sleeps overflows its workers' buffers: lines are late, or lost.
+	// A quiet get of a key outside the prefix every millisecond (logged,
+	// and answered with nothing) keeps it awake.
+	go func() {
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for range t.C {
+			if _, err := hb.Write([]byte("mg bench-heartbeat q\r\n")); err != nil {
+				return
+			}
+		}
+	}()
 	go func() {
 		defer close(w.done)
 		for {
@@ -77,6 +97,7 @@ func (w *watcher) add(line string, at time.Time) {
 }
 
 func (w *watcher) close() {
+	w.hb.Close()
 	w.conn.Close()
 	<-w.done
 }

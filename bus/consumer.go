@@ -23,8 +23,8 @@ type ConsumerConfig struct {
 	// progress signal before it is redelivered. 0 means 30s.
 	AckWait time.Duration
 	// MaxBuffered bounds the bytes of messages pulled and not yet handed
-	// to the handler. 0 means 8 MiB; it is raised to 4 times the
-	// server's max payload, so that the largest message always fits.
+	// to the handler. 0 means 2 MiB; it is raised to twice the server's
+	// max payload, so that the largest message always fits.
 	MaxBuffered int
 	// MaxBufferedMsgs bounds the messages pulled and not yet handed to
 	// the handler, beside MaxBuffered. 0 means 1024. (The client keeps a
@@ -44,7 +44,7 @@ func (c *ConsumerConfig) defaults() {
 		c.AckWait = 30 * time.Second
 	}
 	if c.MaxBuffered == 0 {
-		c.MaxBuffered = 8 << 20
+		c.MaxBuffered = 2 << 20
 	}
 	if c.MaxBufferedMsgs == 0 {
 		c.MaxBufferedMsgs = 1024
@@ -134,7 +134,7 @@ func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
 	}
 	buffered := c.cfg.MaxBuffered
 	if nc := c.js.Conn(); nc != nil {
-		buffered = max(buffered, 4*int(nc.MaxPayload()))
+		buffered = max(buffered, 2*int(nc.MaxPayload()))
 	}
 	// Bounded in bytes, not only messages: 256 messages of up to the max
 	// payload each could hold 256 MB.

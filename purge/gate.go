@@ -93,6 +93,14 @@ func (g *Gate) Wait(ctx context.Context, commitLSN, endLSN uint64) error {
 	return g.wait(ctx, need(commitLSN, endLSN), true)
 }
 
+// Passed reports, without waiting, whether the last read of the
+// replica showed the commit replayed: Wait would return nil at once.
+func (g *Gate) Passed(commitLSN, endLSN uint64) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.replayed >= need(commitLSN, endLSN)
+}
+
 // WaitReplay is Wait without a time limit: it returns when the replica
 // has replayed the commit, or ctx's error. The purger uses it to purge a
 // batch again after the gate gave up on it.
@@ -179,8 +187,10 @@ func (g *Gate) Run(ctx context.Context) error {
 		}
 	}()
 	fails := 0
-	for ctx.Err() == nil {
-		if g.waiters.Load() == 0 {
+	for first := true; ctx.Err() == nil; first = false {
+		// The first poll goes at once: the connection is made before the
+		// first batch waits for it, not by it.
+		if g.waiters.Load() == 0 && !first {
 			select {
 			case <-g.wake:
 			case <-ctx.Done():

@@ -69,6 +69,12 @@ type Waiter interface {
 	Wait(ctx context.Context, commitLSN, endLSN uint64) error
 }
 
+// passer is a Waiter that can tell without waiting that a commit is
+// replayed; Gate is one.
+type passer interface {
+	Passed(commitLSN, endLSN uint64) bool
+}
+
 // Replayer is a Waiter that can also wait with no time limit; Gate is
 // one. With such a gate the purger purges a batch a second time once the
 // replica has replayed its commit, when the first purge went ahead
@@ -92,7 +98,11 @@ type Config struct {
 	MaxBatches int
 	// MaxBytes bounds the memory of the batches being applied at once,
 	// counted as their keys' bytes plus 32 per key; beyond it Handle
-	// blocks. A batch larger than MaxBytes is taken alone. 0 means 64 MiB.
+	// blocks. A batch larger than MaxBytes is taken alone. 0 means 8 MiB
+	// (about 190,000 keys of 10 bytes: at a million keys a second, far
+	// more than the gate's and memcached's round trips need in flight).
+	// The purge role gives its consumer a quarter of it for messages
+	// pulled and not yet handled.
 	MaxBytes int64
 	// MaxChunk is the most keys one server's worker sends in one
 	// pipelined chain. 0 means 4096.
@@ -125,7 +135,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxBytes: 64 << 20, MaxChunk: 4096,
+	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxBytes: 8 << 20, MaxChunk: 4096,
 		Timeout: time.Second, RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
 		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20, MaxRePurgeBytes: 16 << 20}
 }
@@ -491,7 +501,11 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 		// Positions are compared on the batch's timeline only.
 		_ = tg.WaitTimeline(ctx, b.Timeline)
 	}
-	if p.gate != nil && len(keys) > 0 {
+	if pg, ok := p.gate.(passer); ok && len(keys) > 0 && pg.Passed(b.CommitLSN, b.EndLSN) {
+		// The hot path: the replica was already seen past the commit,
+		// so no goroutine waits on the gate.
+		p.m.GateWait.Observe(0)
+	} else if p.gate != nil && len(keys) > 0 {
 		begin := time.Now()
 		err := p.waitGate(ctx, b, d, progress.C)
 		p.m.GateWait.Observe(time.Since(begin).Seconds())

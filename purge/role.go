@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +25,11 @@ type RoleConfig struct {
 	Gate GateConfig
 	// Stream is the invalidation stream to consume.
 	Stream string
+	// AckWait is how long the DC's durable consumer waits for an ack (or
+	// a progress signal) before it delivers a message again, to another
+	// purge process of the DC if one runs: the time a killed purger's
+	// messages wait. It must be above Purger.Progress. 0 means 30s.
+	AckWait time.Duration
 }
 
 // Role is the purge role: a durable consumer of the stream for this
@@ -79,7 +85,16 @@ func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, 
 	}
 	r.purger.WithBacklog(backlog)
 	bad := prometheus.NewCounter(prometheus.CounterOpts{Name: "invalidator_bad_messages_total", Help: "Stream messages that could not be decoded (terminated)."})
-	if r.cons, err = bus.NewConsumer(js, bus.ConsumerConfig{Stream: cfg.Stream, DC: dc}, log, func(error) { bad.Inc() }); err != nil {
+	// The consumer's buffer is part of the role's in-flight memory:
+	// a quarter of the purger's (bus raises it to fit the largest message).
+	pc := cfg.Purger
+	pc.defaults()
+	cc := bus.ConsumerConfig{Stream: cfg.Stream, DC: dc, MaxBuffered: int(pc.MaxBytes / 4), AckWait: cfg.AckWait}
+	if cc.AckWait < 0 || cc.AckWait > 0 && cc.AckWait <= pc.Progress {
+		pool.Close()
+		return nil, fmt.Errorf("%w: ack wait (%s) must be above the purger's progress interval (%s)", ErrConfig, cc.AckWait, pc.Progress)
+	}
+	if r.cons, err = bus.NewConsumer(js, cc, log, func(error) { bad.Inc() }); err != nil {
 		pool.Close()
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
