@@ -36,17 +36,34 @@ type natsProcess struct {
 	p           proc
 }
 
+// natsPorts are the ports given to NATS processes in this process: a
+// server that is down keeps its ports for its restart, so none is given
+// twice.
+var natsPorts = struct {
+	mu   sync.Mutex
+	used map[int]bool
+}{used: map[int]bool{}}
+
 // newNATSProcess prepares (but does not start) server name of cluster
 // (the DC) with its files under dir.
 func newNATSProcess(name, cluster, dir, bin string) (*NATS, error) {
 	var ports [4]int
+	natsPorts.mu.Lock()
 	for i := range ports {
-		p, err := FreePort()
-		if err != nil {
-			return nil, err
+		for {
+			p, err := FreePort()
+			if err != nil {
+				natsPorts.mu.Unlock()
+				return nil, err
+			}
+			if !natsPorts.used[p] {
+				natsPorts.used[p] = true
+				ports[i] = p
+				break
+			}
 		}
-		ports[i] = p
 	}
+	natsPorts.mu.Unlock()
 	if err := os.MkdirAll(filepath.Join(dir, "jetstream"), 0o755); err != nil {
 		return nil, fmt.Errorf("nats dir: %w", err)
 	}
@@ -105,7 +122,11 @@ func (x *natsProcess) start(n *NATS) error {
 	defer cancel()
 	if err := waitTCP(ctx, fmt.Sprintf("127.0.0.1:%d", n.Port), x.p.running); err != nil {
 		_ = x.p.signal(syscall.SIGKILL, time.Second)
-		return fmt.Errorf("nats %s: %w (log %s)", n.Name, err, logPath)
+		tail, _ := os.ReadFile(logPath)
+		if len(tail) > 2000 {
+			tail = tail[len(tail)-2000:]
+		}
+		return fmt.Errorf("nats %s: %w (log %s ends: %s)", n.Name, err, logPath, tail)
 	}
 	return nil
 }
