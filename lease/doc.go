@@ -112,6 +112,16 @@
 // fill. A set later than Lease.Memory after its miss is no longer known
 // as a fill and is stored as a plain write.
 //
+// A set (or add) on a connection whose client got a miss at the end of a
+// wait for another client's lease or read of the key (Lease.Wait ran
+// out, or the read or poll it waited for failed), within Lease.TTL of
+// that miss, is refused at once (NOT_STORED, counted in
+// lease_refused_waited_total), with no request to memcached: it is not
+// the lease's fill, which the winner is making. A herd whose fill is
+// slower than Lease.Wait thus costs memcached nothing more when its
+// clients, all missing, set what they read. A later read of the key on
+// that connection that answers otherwise (a hit, a lease) ends this.
+//
 // A set that the proxy cannot tie to a lease by its connection (another
 // connection: clients pool them; another proxy; a write-through of a
 // fresh value) is checked against the key's lease record in memcached
@@ -128,6 +138,21 @@
 // so every set not tied to a lease by its connection is refused
 // (NOT_STORED, counted in lease_refused_broken_total) until then. Fills
 // on the connection that got the lease are exact and unaffected.
+//
+// Such sets of one key that arrive together are checked in groups (see
+// setgroups.go): a set that finds another set of its key being checked
+// joins the next group, which starts when that check ends, so that a
+// group's requests are all sent after its members arrived. A group reads
+// the record once. With an outstanding lease it compares and swaps one
+// member's value (the last set, else the last add) against the item it
+// read, and answers the others NOT_STORED once that is answered: each
+// would have compared against the same item, so at most one could be
+// stored. Without one, two or more plain sets are stored as one, the
+// last one's value, and all answered as it is: they were concurrent
+// with it. So N sets of one key cost O(1) requests per round trip, not
+// 2N or 3N (counted in lease_grouped_sets_total): a herd of clients that
+// pool connections cannot queue its server's connection past the pool's
+// timeout and open the breaker of a healthy server.
 //
 // flush_all (forwarded) drops memcached's lease items and records, and
 // the proxy forgets the leases it handed out: a set after it is an

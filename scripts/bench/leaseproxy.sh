@@ -5,7 +5,11 @@
 #      9 gets : 1 set) against each; ops/s and ratios;
 #   2. latency: p50/p99 of the same mix from leaseproxyload;
 #   3. herd: N clients miss one key at once and fill on a miss (10ms "query");
-#      database fills and p99 wait, for leaseproxy and, as contrast, nutcracker.
+#      database fills and p99 wait, for leaseproxy and, as contrast, nutcracker;
+#   4. slow herd: the largest N, with a fill (400ms) slower than lease.wait
+#      (250ms), so that every waiter misses and sets: the sets' answers and the
+#      proxy's breaker opens, with the sets on the get's connection and on a
+#      pool of 500 other connections (leaseproxy, and leaseproxy-ref if given).
 # Usage: scripts/bench/leaseproxy.sh [seconds per run, default 10] [herd sizes, default 10,100,1000,10000] [rounds, default 3]
 # Environment: LEASEPROXY_PROCS (leaseproxy's procs, i.e. GOMAXPROCS; unset:
 # leaseproxy's default, 1; 0: Go's default, every core),
@@ -78,8 +82,8 @@ YML
 "$WORK/leaseproxy" -config "$WORK/leaseproxy.yaml" 2>"$WORK/leaseproxy.log" & LPPID=$!; PIDS+=($LPPID)
 LPTARGETS=("leaseproxy=127.0.0.1:$LP=$LPPID"); LOADREF=""
 if [ -n "${LEASEPROXY_REF_BIN:-}" ]; then
-	LPR=$(freeport)
-	sed -e "s/^listen: .*/listen: 127.0.0.1:$LPR/" -e "s/^http: .*/http: {listen: 127.0.0.1:$(freeport)}/" \
+	LPR=$(freeport); LPRH=$(freeport)
+	sed -e "s/^listen: .*/listen: 127.0.0.1:$LPR/" -e "s/^http: .*/http: {listen: 127.0.0.1:$LPRH}/" \
 		-e 's/^lease: {\(.*\)}$/lease: {\1, record_prefix: "_leaseref:"}/' "$WORK/leaseproxy.yaml" >"$WORK/leaseproxy-ref.yaml"
 	"$LEASEPROXY_REF_BIN" -config "$WORK/leaseproxy-ref.yaml" 2>"$WORK/leaseproxy-ref.log" & LPRPID=$!; PIDS+=($LPRPID)
 	waitport "$LPR"
@@ -149,3 +153,20 @@ fi
 echo "== herd: N clients miss one key at once; a miss fills (10ms) and sets"
 "$WORK/leaseproxyload" -mode herd -n "$HERD" -fill 10ms -targets "leaseproxy=127.0.0.1:$LP,nutcracker=127.0.0.1:$NC"
 curl -s "127.0.0.1:$LPH/metrics" 2>/dev/null | grep -E '^leaseproxy_lease_(wins|waits|wait_timeouts|polls|fills|refused_fills)_total' || true
+
+# The metrics a slow herd moves (counters since the proxy started).
+herdmetrics() {
+	curl -s "127.0.0.1:$1/metrics" 2>/dev/null | grep -E '^leaseproxy_(lease_(wins|wait_timeouts|fills|refused_fills|refused_waited|grouped_sets)_total|server_(breaker_opens|failures|requests)_total)' | sed "s/^/$2 /" || true
+}
+SLOWN=${HERD##*,}
+echo "== slow herd: N=$SLOWN clients miss one key at once; a miss fills (400ms, lease.wait is 250ms) and sets"
+SLOWTARGETS="leaseproxy=127.0.0.1:$LP$LOADREF"
+echo "-- metrics before (counters since start)"
+herdmetrics "$LPH" leaseproxy
+if [ -n "$LOADREF" ]; then herdmetrics "$LPRH" leaseproxy-ref; fi
+"$WORK/leaseproxyload" -mode herd -n "$SLOWN" -fill 400ms -targets "$SLOWTARGETS"
+echo "-- the same, each client's set on another connection (a pool of 500) than its get"
+"$WORK/leaseproxyload" -mode herd -n "$SLOWN" -fill 400ms -pooled -pool 500 -targets "$SLOWTARGETS"
+echo "-- metrics after"
+herdmetrics "$LPH" leaseproxy
+if [ -n "$LOADREF" ]; then herdmetrics "$LPRH" leaseproxy-ref; fi

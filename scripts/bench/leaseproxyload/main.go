@@ -5,7 +5,11 @@
 // p99 per target. Mode "herd" makes N clients miss one fresh key at once
 // through a target; a client that misses "fills from the database" (sleeps
 // -fill) and sets the key. It prints the fills (1 is the goal) and the
-// p99 of the clients' waits.
+// p99 of the clients' waits. With a -fill slower than the proxy's
+// lease.wait, every waiter misses and sets: the sets' answers are counted
+// (STORED, NOT_STORED, SERVER_ERROR and other errors) rather than ending
+// the run, and -pooled sends each client's set on another connection than
+// its get (one of a pool of -pool connections), as pooling clients do.
 //
 //	leaseproxyload -mode mix -targets memcached=127.0.0.1:11211,leaseproxy=127.0.0.1:11311
 //	leaseproxyload -mode herd -targets leaseproxy=127.0.0.1:11311 -n 10,100,1000
@@ -36,12 +40,21 @@ func main() {
 	setRatio := flag.Float64("set", 0.1, "mix: share of sets")
 	ns := flag.String("n", "10,100,1000", "herd: concurrent clients per herd")
 	fill := flag.Duration("fill", 10*time.Millisecond, "herd: database fill time")
+	pooled := flag.Bool("pooled", false, "herd: each client sets on another connection than its get")
+	pool := flag.Int("pool", 500, "herd with -pooled: connections the sets share")
 	flag.Parse()
+	herdPooled, herdPool = *pooled, *pool
 	if err := run(*mode, *targets, *conns, *duration, *keys, *size, *setRatio, *ns, *fill); err != nil {
 		fmt.Fprintln(os.Stderr, "leaseproxyload:", err)
 		os.Exit(1)
 	}
 }
+
+// herdPooled and herdPool are -pooled and -pool.
+var (
+	herdPooled bool
+	herdPool   int
+)
 
 type target struct{ name, addr string }
 
@@ -74,7 +87,7 @@ func run(mode, targets string, conns int, duration time.Duration, keys, size int
 			fmt.Printf("%-24s %12.0f %10.0f %10.0f %8d\n", t.name, r.opsPerSec, r.p50, r.p99, r.errors)
 		}
 	case "herd":
-		fmt.Printf("%-24s %8s %8s %12s\n", "target", "N", "fills", "p99 wait(ms)")
+		fmt.Printf("%-24s %8s %8s %12s %8s %10s %8s\n", "target", "N", "fills", "p99 wait(ms)", "stored", "not_stored", "errors")
 		for _, t := range ts {
 			for _, f := range strings.Split(ns, ",") {
 				n, err := strconv.Atoi(f)
@@ -85,7 +98,10 @@ func run(mode, targets string, conns int, duration time.Duration, keys, size int
 				if err != nil {
 					return fmt.Errorf("%s N=%d: %w", t.name, n, err)
 				}
-				fmt.Printf("%-24s %8d %8d %12.1f\n", t.name, n, r.fills, r.p99ms)
+				fmt.Printf("%-24s %8d %8d %12.1f %8d %10d %8d\n", t.name, n, r.fills, r.p99ms, r.stored, r.notStored, r.setErrors)
+				if r.firstErr != nil {
+					fmt.Printf("%-24s %8d first set error: %v\n", t.name, n, r.firstErr)
+				}
 			}
 		}
 	default:
@@ -141,6 +157,9 @@ func (c *client) get(key string) (bool, error) {
 	}
 }
 
+// errSetServer is a set answered with an error line.
+var errSetServer = errors.New("set answered an error")
+
 func (c *client) set(key string, value []byte) error {
 	c.buf = append(append(append(c.buf[:0], "set "...), key...), " 0 0 "...)
 	c.buf = strconv.AppendInt(c.buf, int64(len(value)), 10)
@@ -156,10 +175,16 @@ func (c *client) set(key string, value []byte) error {
 		return err
 	}
 	if s := string(l); s != "STORED\r\n" && s != "NOT_STORED\r\n" {
-		return fmt.Errorf("set: %q", s)
+		return fmt.Errorf("%w: %q", errSetServer, s)
+	}
+	if string(l) == "NOT_STORED\r\n" {
+		return errNotStored
 	}
 	return nil
 }
+
+// errNotStored is a set answered NOT_STORED.
+var errNotStored = errors.New("NOT_STORED")
 
 type mixResult struct {
 	opsPerSec, p50, p99 float64
@@ -172,7 +197,7 @@ func mix(addr string, conns int, duration time.Duration, keys int, value []byte,
 		return mixResult{}, err
 	}
 	for i := 0; i < keys; i++ {
-		if err := pre.set("load:"+strconv.Itoa(i), value); err != nil {
+		if err := pre.set("load:"+strconv.Itoa(i), value); err != nil && !errors.Is(err, errNotStored) {
 			return mixResult{}, err
 		}
 	}
@@ -200,7 +225,9 @@ func mix(addr string, conns int, duration time.Duration, keys int, value []byte,
 				t0 := time.Now()
 				var err error
 				if setEvery > 0 && i%setEvery == 0 {
-					err = c.set(key, value)
+					if err = c.set(key, value); errors.Is(err, errNotStored) {
+						err = nil
+					}
 				} else {
 					_, err = c.get(key)
 				}
@@ -230,8 +257,10 @@ func mix(addr string, conns int, duration time.Duration, keys int, value []byte,
 }
 
 type herdResult struct {
-	fills int64
-	p99ms float64
+	fills                        int64
+	p99ms                        float64
+	stored, notStored, setErrors int64
+	firstErr                     error
 }
 
 func herd(addr string, n int, value []byte, fill time.Duration) (herdResult, error) {
@@ -244,8 +273,28 @@ func herd(addr string, n int, value []byte, fill time.Duration) (herdResult, err
 		defer c.nc.Close()
 		clients[i] = c
 	}
+	// setter returns the connection client i sets on, and its release.
+	setter := func(i int) (*client, func()) { return clients[i], func() {} }
+	if herdPooled {
+		pool := make([]*client, herdPool)
+		locks := make([]sync.Mutex, herdPool)
+		for i := range pool {
+			c, err := dial(addr)
+			if err != nil {
+				return herdResult{}, fmt.Errorf("dial pool %d: %w", i, err)
+			}
+			defer c.nc.Close()
+			pool[i] = c
+		}
+		setter = func(i int) (*client, func()) {
+			j := i % herdPool
+			locks[j].Lock()
+			return pool[j], locks[j].Unlock
+		}
+	}
 	key := fmt.Sprintf("herd:%d:%d", n, time.Now().UnixNano())
-	var fills atomic.Int64
+	var fills, stored, notStored, setErrors atomic.Int64
+	var firstErr atomic.Pointer[error]
 	waits := make([]time.Duration, n)
 	errs := make([]error, n)
 	start := make(chan struct{})
@@ -262,10 +311,24 @@ func herd(addr string, n int, value []byte, fill time.Duration) (herdResult, err
 				errs[i] = err
 				return
 			}
-			if !found {
-				fills.Add(1)
-				time.Sleep(fill)
-				errs[i] = c.set(key, value)
+			if found {
+				return
+			}
+			fills.Add(1)
+			time.Sleep(fill)
+			sc, done := setter(i)
+			err = sc.set(key, value)
+			done()
+			switch {
+			case err == nil:
+				stored.Add(1)
+			case errors.Is(err, errNotStored):
+				notStored.Add(1)
+			case errors.Is(err, errSetServer):
+				setErrors.Add(1)
+				firstErr.CompareAndSwap(nil, &err)
+			default:
+				errs[i] = err // the connection failed
 			}
 		}()
 	}
@@ -275,8 +338,15 @@ func herd(addr string, n int, value []byte, fill time.Duration) (herdResult, err
 		return herdResult{}, err
 	}
 	slices.Sort(waits)
-	return herdResult{
-		fills: fills.Load(),
-		p99ms: float64(waits[n*99/100].Microseconds()) / 1e3,
-	}, nil
+	r := herdResult{
+		fills:     fills.Load(),
+		p99ms:     float64(waits[n*99/100].Microseconds()) / 1e3,
+		stored:    stored.Load(),
+		notStored: notStored.Load(),
+		setErrors: setErrors.Load(),
+	}
+	if p := firstErr.Load(); p != nil {
+		r.firstErr = *p
+	}
+	return r, nil
 }
