@@ -43,7 +43,7 @@ func newWorld(t *testing.T, cfg WorldConfig) *World {
 	t.Helper()
 	cfg.Bins = buildBinaries(t)
 	cfg.Dir = t.TempDir()
-	env := testenv.New(t, testenv.Options{})
+	env := testenv.New(t, EnvOptions(cfg.Geo))
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	w, err := StartWorld(ctx, env, cfg, quietLogger(t))
@@ -81,10 +81,27 @@ func TestChaosShort(t *testing.T) {
 	if !w.CountersOn && !strings.Contains(w.CountersNote, "not built") {
 		t.Fatalf("counters are built but could not be enabled: %s", w.CountersNote)
 	}
+	runShort(t, w, false)
+}
+
+// TestChaosGeoShort runs the scenarios of the per-datacenter world (each
+// DC a three-server NATS cluster with its own stream) in their short
+// form: a NATS server killed under load, then the loss of dc1.
+func TestChaosGeoShort(t *testing.T) {
+	w := newWorld(t, WorldConfig{Items: 200, Geo: true, Writers: 8})
+	runShort(t, w, true)
+}
+
+// runShort runs the scenarios of one world (geo or not) in their short
+// form and asserts each verdict.
+func runShort(t *testing.T, w *World, geo bool) {
 	ctx := context.Background()
 	timing := ShortTiming()
 	var results []Result
 	for _, sc := range Scenarios() {
+		if sc.Geo != geo {
+			continue
+		}
 		t.Run(sc.Name, func(t *testing.T) {
 			r := w.Run(ctx, sc, timing, quietLogger(t))
 			results = append(results, r)
@@ -102,6 +119,9 @@ func TestChaosShort(t *testing.T) {
 			}
 			if r.Check.Samples == 0 {
 				t.Errorf("the checker finished no sample: %+v", r.Check)
+			}
+			if strings.HasPrefix(sc.Name, "i-") && len(r.Measures) == 0 {
+				t.Errorf("the loss of a datacenter measured no resumption: %v", r.Measures)
 			}
 			if w.CountersOn && r.Drift == nil {
 				t.Errorf("counters run but the drift was not measured: %s", r.DriftNote)

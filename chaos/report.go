@@ -47,6 +47,9 @@ func WriteDetails(out io.Writer, results []Result) {
 		if len(r.Events) > 0 {
 			fmt.Fprintf(out, "- fault events: %s\n", strings.Join(r.Events, ", "))
 		}
+		for _, m := range r.Measures {
+			fmt.Fprintf(out, "- measured: %s\n", m)
+		}
 		fmt.Fprintf(out, "- writes: %d updates, %d inserts, %d deletes, %d likes, %d unlikes; %d write errors (retried)\n",
 			s.Updates, s.Inserts, s.Deletes, s.Likes, s.Unlikes, s.WriteErrors)
 		fmt.Fprintf(out, "- reads: %d (%d hits, %d fills, %d fills refused by a lease, %d misses of deleted rows, %d slow fills dropped, %d errors)\n",

@@ -49,6 +49,9 @@ type Scenario struct {
 	// Inject runs the fault and returns once it has ended (everything
 	// restarted or healed), with the number of faults injected.
 	Inject func(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error)
+	// Geo: the scenario runs in the per-datacenter world (WorldConfig.Geo:
+	// each DC a three-server NATS cluster with its own stream).
+	Geo bool
 }
 
 // Scenarios are (a) to (g) of issue 7, in order.
@@ -65,7 +68,67 @@ func Scenarios() []Scenario {
 		{Name: "g-slow-memcached", Fault: "50ms latency each way on dc1's first memcached link for Fault", Inject: slowMemcached},
 		// Last: it changes which server is the primary.
 		{Name: "h-primary-failover", Fault: "kill -9 the primary under load, promote the replica that received the most WAL, repoint the other", Inject: primaryFailover},
+		// The per-datacenter world (nats.datacenters, replicas 3).
+		{Name: "j-nats-server-kill", Geo: true, Fault: "kill -9 the leader server of dc1's stream (R3 in dc1's three-server cluster) every Period under the workload, start it again after Outage", Inject: natsServerKill},
+		// Last: dc1 does not come back.
+		{Name: "i-dc-loss", Geo: true, Fault: "kill -9 every process of dc1 (the primary, its replica, its three NATS servers, its memcached, invalidator and leaseproxy) under the workload, promote dc2's replica", Inject: dcLoss},
 	}
+}
+
+// dcLoss loses the datacenter of the primary and the active tail (dc1):
+// every process of it is killed at once, as a power loss would, and dc2's
+// replica is promoted (what Patroni would do). dc2's invalidator, its hot
+// standby tail and its leaseproxy go on: the standby takes the slot on
+// the new primary (a failover slot on PostgreSQL 17; before, the slot is
+// lost and every pool flushed once), and dc2's purger reads dc2's copy of
+// the stream. The time from the loss until dc2 purges again is recorded.
+func dcLoss(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
+	sleep(ctx, t.Period)
+	dc1, dc2 := w.Env.DCs[0], w.Env.DCs[1]
+	lostAt := time.Now()
+	w.lost[dc1.Name] = true
+	for _, p := range []*testenv.Daemon{w.Purgers[dc1.Name], w.Proxies[dc1.Name]} {
+		_ = p.Kill()
+	}
+	// The primary is dc1's: kill it with the rest (Failover kills it
+	// again, harmlessly, and promotes dc2's replica).
+	if err := dc1.KillNATS(); err != nil {
+		log.Warn("kill dc1's NATS", zap.Error(err))
+	}
+	for _, m := range dc1.Memcached {
+		_ = m.Kill()
+	}
+	if err := dc1.Replica.Kill(); err != nil {
+		log.Warn("kill dc1's replica", zap.Error(err))
+	}
+	w.note("kill -9 every process of dc1")
+	fo, err := w.Env.Failover(ctx, testenv.FailoverOptions{Target: dc2.Replica})
+	if err != nil {
+		return 1, fmt.Errorf("promote dc2's replica: %w", err)
+	}
+	switchLSN, err := testenv.ParseLSN(fo.SwitchLSN)
+	if err != nil {
+		return 1, err
+	}
+	w.failedOver = &failedOver{oldPort: fo.OldPrimary.Port, switchLSN: switchLSN}
+	log.Info("dc1 lost; dc2's replica promoted", zap.Uint32("timeline", fo.Timeline), zap.String("switch_lsn", fo.SwitchLSN),
+		zap.Duration("promoted_in", fo.Promoted))
+	// Purging resumed in dc2: a key emitted on the new primary is gone
+	// from dc2's pool.
+	// Twice: the first key may go with the flush of every pool that a
+	// lost slot (before PostgreSQL 17) brings; the second is purged by
+	// its own invalidation.
+	var resumed time.Time
+	for range 2 {
+		if resumed, err = w.purgedIn(ctx, dc2.Name, 3*time.Minute); err != nil {
+			return 1, fmt.Errorf("dc2 after the loss of dc1: %w", err)
+		}
+	}
+	after := resumed.Sub(lostAt)
+	w.Measure(fmt.Sprintf("%s purged again %s after the loss of %s (promotion took %s)", dc2.Name, after.Round(10*time.Millisecond), dc1.Name, fo.Promoted.Round(10*time.Millisecond)))
+	log.Info("dc2 purges again", zap.Duration("since_the_loss", after))
+	sleep(ctx, t.Period)
+	return 1, ctx.Err()
 }
 
 // Baseline is the workload with no fault, for comparison and for the
@@ -329,6 +392,9 @@ type Result struct {
 	// every invalidation committed before it ended.
 	Converge    time.Duration
 	ConvergeErr error
+	// Measures are what the fault measured ("dc2 purged again 4.2s after
+	// the loss of dc1"), for the report.
+	Measures []string
 	Exits       int
 	ExitNote    string
 	Err         error
@@ -374,8 +440,10 @@ func (w *World) Run(ctx context.Context, sc Scenario, t Timing, log *zap.Logger)
 
 	sleep(ctx, t.Warmup)
 	w.takeNotes()
+	w.takeMeasures()
 	res.Faults, res.Err = sc.Inject(ctx, w, t, log)
 	res.Events = w.takeNotes()
+	res.Measures = w.takeMeasures()
 	faultEnd := time.Now()
 	convergeDone := make(chan struct{})
 	go func() {
@@ -394,6 +462,9 @@ func (w *World) Run(ctx context.Context, sc Scenario, t Timing, log *zap.Logger)
 		res.Err = fmt.Errorf("workload: %w", err)
 	}
 	res.Stats = wl.Stats()
+	if d := time.Since(start).Seconds(); d > 0 {
+		res.Measures = append(res.Measures, fmt.Sprintf("workload: %.0f commits/s over the scenario", float64(res.Stats.Writes())/d))
+	}
 	w.maxID = max(w.maxID, wl.MaxID())
 	log.Info("workload stopped; quiescing", zap.Any("stats", res.Stats))
 
@@ -485,8 +556,8 @@ func (w *World) Run(ctx context.Context, sc Scenario, t Timing, log *zap.Logger)
 
 // WorkloadConfig is the workload over this world.
 func (w *World) WorkloadConfig() WorkloadConfig {
-	c := WorkloadConfig{PrimaryDSN: w.PrimaryDSN(), Items: w.cfg.Items, Likes: w.CountersOn}
-	for _, dc := range w.Env.DCs[:2] {
+	c := WorkloadConfig{PrimaryDSN: w.PrimaryDSN(), Items: w.cfg.Items, Likes: w.CountersOn, Writers: w.cfg.Writers}
+	for _, dc := range w.liveDCs() {
 		c.DCs = append(c.DCs, WorkloadDC{Name: dc.Name, ProxyAddr: w.ProxyAddr[dc.Name], ReplicaDSN: dc.Replica.DSN("")})
 	}
 	return c

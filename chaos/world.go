@@ -64,6 +64,22 @@ type WorldConfig struct {
 	// memcached instead of the DC's pool: the negative control, whose
 	// verdict must be STALE for that DC.
 	BrokenPurgeDC string
+	// Geo runs the per-datacenter layout (nats.datacenters, replicas 3,
+	// copy_timeout 20s) on an environment started with EnvOptions(true):
+	// each DC a three-server NATS cluster with its own stream.
+	Geo bool
+	// Writers is the workload's writer count; 0 means the workload's
+	// default (2).
+	Writers int
+}
+
+// EnvOptions is the environment a world needs: with geo, a three-server
+// NATS cluster in each datacenter.
+func EnvOptions(geo bool) testenv.Options {
+	if geo {
+		return testenv.Options{NATSPerDC: 3}
+	}
+	return testenv.Options{}
 }
 
 // World is an environment with the real daemons running on it: dc1's
@@ -96,9 +112,12 @@ type World struct {
 	maxID  int64 // highest item id any workload may have written
 	// failedOver is set by the failover scenario.
 	failedOver *failedOver
+	// lost are the datacenters lost for good (i-dc-loss).
+	lost map[string]bool
 
-	notesMu sync.Mutex // guards notes
-	notes   map[string]int
+	notesMu  sync.Mutex // guards notes, measures
+	notes    map[string]int
+	measures []string
 	nc      *nats.Conn
 	js      jetstream.JetStream
 }
@@ -113,7 +132,8 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 		return nil, fmt.Errorf("%w: the world needs two datacenters", ErrConfig)
 	}
 	w := &World{Env: env, cfg: cfg, log: log, Links: map[string][]*testenv.Link{}, Purgers: map[string]*testenv.Daemon{},
-		Proxies: map[string]*testenv.Daemon{}, ProxyAddr: map[string]string{}, pools: map[string]*mcpool.Pool{}, direct: map[string][]*mcpool.Pool{}}
+		Proxies: map[string]*testenv.Daemon{}, ProxyAddr: map[string]string{}, pools: map[string]*mcpool.Pool{}, direct: map[string][]*mcpool.Pool{},
+		lost: map[string]bool{}}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -218,7 +238,7 @@ func StartWorld(ctx context.Context, env *testenv.Env, cfg WorldConfig, log *zap
 		}
 		w.Proxies[dc.Name], w.ProxyAddr[dc.Name] = p, addr
 	}
-	w.nc, err = nats.Connect(dc1.NATS.URL(), nats.MaxReconnects(-1), nats.ReconnectWait(200*time.Millisecond))
+	w.nc, err = nats.Connect(w.natsURL(), nats.MaxReconnects(-1), nats.ReconnectWait(200*time.Millisecond))
 	if err != nil {
 		return nil, fmt.Errorf("connect nats: %w", err)
 	}
@@ -245,7 +265,16 @@ func (w *World) invalidatorConfig(dc *testenv.DC, tail, purge bool, httpPort int
 	// failover lists them; a lost slot (a promotion before PostgreSQL 17)
 	// is recovered with one flush of every pool.
 	fmt.Fprintf(&b, "dc: %s\npostgres: {dsn: %q, slot: %s, publication: cache_invalidator}\non_slot_loss: flush\n", dc.Name, w.PrimaryDSN(), Slot)
-	fmt.Fprintf(&b, "nats: {url: %q, stream: %s, placement: %s}\ntail: %t\n", dc.NATS.URL(), Stream, w.Env.DCs[0].Name, tail)
+	if w.cfg.Geo {
+		var names []string
+		for _, d := range w.Env.DCs[:2] {
+			names = append(names, d.Name)
+		}
+		fmt.Fprintf(&b, "nats: {url: %q, stream: %s, replicas: 3, datacenters: [%s], durable_dcs: 2, copy_timeout: 20s}\ntail: %t\n",
+			dc.NATSURL(), Stream, strings.Join(names, ", "), tail)
+	} else {
+		fmt.Fprintf(&b, "nats: {url: %q, stream: %s, placement: %s}\ntail: %t\n", dc.NATS.URL(), Stream, w.Env.DCs[0].Name, tail)
+	}
 	if purge {
 		var servers []string
 		for _, l := range w.Links[dc.Name] {
@@ -325,7 +354,7 @@ func (w *World) waitReady(ctx context.Context) error {
 	for i := 0; ; i++ {
 		key := fmt.Sprintf("chaos-probe-%d", i)
 		var dcs []string
-		for _, dc := range w.Env.DCs[:2] {
+		for _, dc := range w.liveDCs() {
 			if dc.Name == w.cfg.BrokenPurgeDC {
 				continue
 			}
@@ -465,25 +494,26 @@ func (w *World) CaughtUp(ctx context.Context, lsn string) error {
 		}
 		sleep(ctx, 100*time.Millisecond)
 	}
-	var last uint64
-	for {
-		s, err := w.js.Stream(ctx, Stream)
-		if err == nil {
-			var info *jetstream.StreamInfo
-			if info, err = s.Info(ctx); err == nil {
-				last = info.State.LastSeq
-				break
+	for _, dc := range w.liveDCs() {
+		stream := w.streamOf(dc.Name)
+		var last uint64
+		for {
+			s, err := w.js.Stream(ctx, stream)
+			if err == nil {
+				var info *jetstream.StreamInfo
+				if info, err = s.Info(ctx); err == nil {
+					last = info.State.LastSeq
+					break
+				}
 			}
+			if ctx.Err() != nil {
+				return fmt.Errorf("%w: stream %s info: %v", ErrNotDrained, stream, err)
+			}
+			sleep(ctx, 200*time.Millisecond)
 		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("%w: stream info: %v", ErrNotDrained, err)
-		}
-		sleep(ctx, 200*time.Millisecond)
-	}
-	for _, dc := range w.Env.DCs[:2] {
 		name := "purge-" + dc.Name
 		for {
-			c, err := w.js.Consumer(ctx, Stream, name)
+			c, err := w.js.Consumer(ctx, stream, name)
 			var info *jetstream.ConsumerInfo
 			if err == nil {
 				info, err = c.Info(ctx)
@@ -517,9 +547,9 @@ func (w *World) CurrentLSN(ctx context.Context) (string, error) {
 	}
 }
 
-// StreamLastSeq is the stream's last sequence.
+// StreamLastSeq is the last sequence of the stream the checker reads.
 func (w *World) StreamLastSeq(ctx context.Context) (uint64, error) {
-	s, err := w.js.Stream(ctx, Stream)
+	s, err := w.js.Stream(ctx, w.readStream())
 	if err != nil {
 		return 0, err
 	}
@@ -623,7 +653,7 @@ func (w *World) Scan(ctx context.Context, maxID int64) ([]StaleKey, error) {
 		}
 	}
 	var out []StaleKey
-	for _, dc := range w.Env.DCs[:2] {
+	for _, dc := range w.liveDCs() {
 		for i, p := range w.direct[dc.Name] {
 			// A server just restarted (or resumed) may take a moment
 			// before the pool reconnects and its breaker closes: read it
@@ -672,8 +702,9 @@ func (w *World) PrimaryDSN() string {
 func (w *World) CheckerConfig() CheckerConfig {
 	c := DefaultCheckerConfig()
 	c.PrimaryDSN = w.PrimaryDSN()
-	c.NATSURL = w.Env.DCs[0].NATS.URL()
-	for _, dc := range w.Env.DCs[:2] {
+	c.NATSURL = w.natsURL()
+	c.Stream = w.readStream()
+	for _, dc := range w.liveDCs() {
 		var servers []string
 		for _, l := range w.Links[dc.Name] {
 			servers = append(servers, l.Addr)
@@ -694,6 +725,22 @@ func (w *World) note(event string) {
 	w.notes[event]++
 }
 
+// Measure records a figure a fault measured, for the report.
+func (w *World) Measure(m string) {
+	w.notesMu.Lock()
+	defer w.notesMu.Unlock()
+	w.measures = append(w.measures, m)
+}
+
+// takeMeasures returns the figures since the last call.
+func (w *World) takeMeasures() []string {
+	w.notesMu.Lock()
+	defer w.notesMu.Unlock()
+	m := w.measures
+	w.measures = nil
+	return m
+}
+
 // takeNotes returns the fault events since the last call, sorted.
 func (w *World) takeNotes() []string {
 	w.notesMu.Lock()
@@ -705,4 +752,61 @@ func (w *World) takeNotes() []string {
 	sort.Strings(out)
 	w.notes = nil
 	return out
+}
+
+// liveDCs are the world's two datacenters, less any lost for good.
+func (w *World) liveDCs() []*testenv.DC {
+	var out []*testenv.DC
+	for _, dc := range w.Env.DCs[:2] {
+		if !w.lost[dc.Name] {
+			out = append(out, dc)
+		}
+	}
+	return out
+}
+
+// natsURL is where the world reads the stream: dc1's server, or, in the
+// per-datacenter world, every server of dc2's cluster (dc2 outlives dc1).
+func (w *World) natsURL() string {
+	if w.cfg.Geo {
+		return w.Env.DCs[1].NATSURL()
+	}
+	return w.Env.DCs[0].NATS.URL()
+}
+
+// streamOf is the stream datacenter dc purges from.
+func (w *World) streamOf(dc string) string {
+	if w.cfg.Geo {
+		return Stream + "_" + dc
+	}
+	return Stream
+}
+
+// readStream is the stream the checker reads: the one stream, or dc2's
+// copy of every origin in the per-datacenter world.
+func (w *World) readStream() string { return w.streamOf(w.Env.DCs[1].Name) }
+
+// purgedIn emits a fresh key as an invalidation message on the primary
+// until one is gone from dc's pool, and returns when it was seen gone.
+func (w *World) purgedIn(ctx context.Context, dc string, timeout time.Duration) (time.Time, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for i := 0; ; i++ {
+		key := fmt.Sprintf("chaos-resume-%d-%d", time.Now().UnixNano(), i)
+		if _, err := w.pools[dc].MetaSet(ctx, key, []byte("x"), mcpool.SetOptions{}); err == nil {
+			if conn, err := pgx.Connect(ctx, w.PrimaryDSN()); err == nil {
+				_, err = conn.Exec(ctx, "SELECT pg_logical_emit_message(true, 'invalidate', $1::text)", key)
+				conn.Close(context.Background())
+				for end := time.Now().Add(5 * time.Second); err == nil && time.Now().Before(end) && ctx.Err() == nil; sleep(ctx, 20*time.Millisecond) {
+					if r, err := w.pools[dc].MetaGet(ctx, key, "v"); err == nil && r.Status == mcpool.StatusEN {
+						return time.Now(), nil
+					}
+				}
+			}
+		}
+		if ctx.Err() != nil {
+			return time.Time{}, fmt.Errorf("no key emitted on the primary was purged in %s within %s", dc, timeout)
+		}
+		sleep(ctx, 200*time.Millisecond)
+	}
 }

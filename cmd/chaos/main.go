@@ -110,31 +110,29 @@ func runScenarios(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			return exitFail
 		}
 	}
-	log.Info("starting the environment")
-	env, err := testenv.Start(ctx, testenv.Options{})
-	if err != nil {
-		fmt.Fprintf(stderr, "environment: %v\n", err)
-		return exitFail
-	}
-	defer env.Close()
-	w, err := chaos.StartWorld(ctx, env, chaos.WorldConfig{Bins: bins, Dir: filepath.Join(dir, "daemons"), Items: *items, Counters: true}, log)
-	if err != nil {
-		fmt.Fprintf(stderr, "daemons: %v\n", err)
-		return exitFail
-	}
-	defer w.Close()
 	started := time.Now()
 	var results []chaos.Result
-	for _, sc := range scenarios {
-		if ctx.Err() != nil {
-			break
+	counters := "n/a"
+	// The scenarios of one world, then those of the per-datacenter world
+	// (each DC a three-server NATS cluster with its own stream).
+	for _, geo := range []bool{false, true} {
+		var scs []chaos.Scenario
+		for _, sc := range scenarios {
+			if sc.Geo == geo {
+				scs = append(scs, sc)
+			}
 		}
-		log.Info("scenario", zap.String("name", sc.Name), zap.String("fault", sc.Fault))
-		r := w.Run(ctx, sc, timing, log)
-		results = append(results, r)
-		log.Info("verdict", zap.String("scenario", r.Scenario), zap.String("verdict", r.Verdict()), zap.Strings("reasons", r.Reasons))
-		if !r.Pass {
-			fmt.Fprintf(stderr, "%s failed; daemon logs:\n%s\n", r.Scenario, w.Logs(3000))
+		if len(scs) == 0 || ctx.Err() != nil {
+			continue
+		}
+		rs, state, err := runWorld(ctx, geo, bins, filepath.Join(dir, fmt.Sprintf("daemons-geo-%t", geo)), *items, scs, timing, log, stderr)
+		results = append(results, rs...)
+		if !geo {
+			counters = state
+		}
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			break
 		}
 	}
 	header := fmt.Sprintf(`# Chaos report
@@ -147,6 +145,9 @@ a tail-capable hot standby in dc2; a leaseproxy per DC. Workload: writers bump
 items.version (plus inserts, deletes, likes and unlikes feeding the likes
 counter); readers in each DC read through their leaseproxy and fill from
 their replica. Counters: %s.
+The scenarios marked *Geo* (j, i) run in a second environment: each DC has a
+three-server NATS cluster and its own stream (nats.datacenters [dc1, dc2],
+replicas 3, durable_dcs 2, copy_timeout 20s), without counters.
 Timing: %s.
 
 Columns: *stale keys* are values in any memcached of either DC that differ
@@ -160,7 +161,7 @@ M seconds after it); *worst staleness window* is the longest time a sampled
 key stayed stale after its commit; *converge* is the time after the fault
 ended until every DC had applied every invalidation committed before the end.
 
-`, form, len(results), time.Since(started).Round(time.Second), time.Now().UTC().Format("2006-01-02 15:04 UTC"), countersState(w), timing)
+`, form, len(results), time.Since(started).Round(time.Second), time.Now().UTC().Format("2006-01-02 15:04 UTC"), counters, timing)
 	chaos.WriteTable(stdout, results)
 	if *out != "" {
 		if err := chaos.WriteReport(*out, header, results); err != nil {
@@ -171,6 +172,47 @@ ended until every DC had applied every invalidation committed before the end.
 	}
 	if ctx.Err() != nil || !chaos.AllPass(results) || len(results) != len(scenarios) {
 		return exitFail
+	}
+	return 0
+}
+
+// runWorld starts an environment and the daemons on it (geo: the
+// per-datacenter world) and runs scenarios in order. It returns the
+// results, the counters' state for the report, and why it stopped early.
+func runWorld(ctx context.Context, geo bool, bins testenv.Binaries, dir string, items int, scenarios []chaos.Scenario,
+	timing chaos.Timing, log *zap.Logger, stderr io.Writer) ([]chaos.Result, string, error) {
+	log.Info("starting the environment", zap.Bool("geo", geo))
+	env, err := testenv.Start(ctx, chaos.EnvOptions(geo))
+	if err != nil {
+		return nil, "", fmt.Errorf("environment: %w", err)
+	}
+	defer env.Close()
+	w, err := chaos.StartWorld(ctx, env, chaos.WorldConfig{Bins: bins, Dir: dir, Items: items, Counters: !geo, Geo: geo, Writers: writers(geo)}, log)
+	if err != nil {
+		return nil, "", fmt.Errorf("daemons: %w", err)
+	}
+	defer w.Close()
+	var results []chaos.Result
+	for _, sc := range scenarios {
+		if ctx.Err() != nil {
+			break
+		}
+		log.Info("scenario", zap.String("name", sc.Name), zap.String("fault", sc.Fault))
+		r := w.Run(ctx, sc, timing, log)
+		results = append(results, r)
+		log.Info("verdict", zap.String("scenario", r.Scenario), zap.String("verdict", r.Verdict()), zap.Strings("reasons", r.Reasons))
+		if !r.Pass {
+			fmt.Fprintf(stderr, "%s failed; daemon logs:\n%s\n", r.Scenario, w.Logs(3000))
+		}
+	}
+	return results, countersState(w), nil
+}
+
+// writers is the workload's writers: more in the per-datacenter world,
+// whose NATS faults are judged at hundreds of commits/s.
+func writers(geo bool) int {
+	if geo {
+		return 8
 	}
 	return 0
 }
