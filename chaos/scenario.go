@@ -395,11 +395,11 @@ type Result struct {
 	// Measures are what the fault measured ("dc2 purged again 4.2s after
 	// the loss of dc1"), for the report.
 	Measures []string
-	Exits       int
-	ExitNote    string
-	Err         error
-	Pass        bool
-	Reasons     []string
+	Exits    int
+	ExitNote string
+	Err      error
+	Pass     bool
+	Reasons  []string
 }
 
 // Run runs one scenario on the world: the checker and the workload, the

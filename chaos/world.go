@@ -118,8 +118,8 @@ type World struct {
 	notesMu  sync.Mutex // guards notes, measures
 	notes    map[string]int
 	measures []string
-	nc      *nats.Conn
-	js      jetstream.JetStream
+	nc       *nats.Conn
+	js       jetstream.JetStream
 }
 
 // StartWorld creates the schema and starts the daemons on env. Close
