@@ -215,6 +215,12 @@ func TestNATSClusterR3(t *testing.T) {
 	}
 	testenv.Eventually(t, 60*time.Second, oldLeader+" back as a current replica", func() bool { return currentReplicas(clusterInfo(ctx, js, stream)) == 3 })
 
+	// A durable consumer made while every server is up.
+	cons, err := js.CreateOrUpdateConsumer(ctx, stream, jetstream.ConsumerConfig{Durable: "READER", AckPolicy: jetstream.AckExplicitPolicy, Replicas: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	// Losing every server of dc2 at once leaves dc1's stream writable:
 	// its replicas are all in dc1.
 	if err := dc2.KillNATS(); err != nil {
@@ -234,6 +240,29 @@ func TestNATSClusterR3(t *testing.T) {
 	t.Logf("creating a stream with dc2's NATS down: %v", err)
 	if err == nil {
 		t.Errorf("created a stream without a meta quorum; want an error (the meta group spans 6 servers)")
+	}
+	actx, cancel = context.WithTimeout(ctx, 5*time.Second)
+	_, err = js.CreateOrUpdateConsumer(actx, stream, jetstream.ConsumerConfig{Durable: "NEWREADER", AckPolicy: jetstream.AckExplicitPolicy})
+	cancel()
+	t.Logf("creating a consumer with dc2's NATS down: %v", err)
+	if err == nil {
+		t.Errorf("created a consumer without a meta quorum; want an error")
+	}
+	// The durable consumer made before still delivers and takes acks.
+	batch, err := cons.Fetch(100, jetstream.FetchMaxWait(10*time.Second))
+	if err != nil {
+		t.Fatalf("fetch from the existing consumer with dc2 down: %v", err)
+	}
+	fetched := 0
+	for m := range batch.Messages() {
+		if err := m.Ack(); err != nil {
+			t.Errorf("ack with dc2 down: %v", err)
+		}
+		fetched++
+	}
+	t.Logf("fetched and acked %d messages from the existing consumer with dc2 down (%v)", fetched, batch.Error())
+	if fetched == 0 {
+		t.Errorf("the existing consumer delivered nothing with dc2 down")
 	}
 	if err := dc2.StartNATS(); err != nil {
 		t.Fatal(err)
