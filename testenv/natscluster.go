@@ -170,14 +170,18 @@ func NATSServerBinary(ctx context.Context) (string, error) {
 	if natsBin.path != "" {
 		return natsBin.path, nil
 	}
-	version := natsModuleVersion()
+	version := natsModuleVersion(ctx)
 	cache, err := os.UserCacheDir()
 	if err != nil {
 		cache = os.TempDir()
 	}
 	dir := filepath.Join(cache, "pgcache")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("nats-server binary: %w", err)
+		// A read-only home: build into the temporary directory instead.
+		dir = filepath.Join(os.TempDir(), "pgcache")
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return "", fmt.Errorf("nats-server binary: %w", err)
+		}
 	}
 	path := filepath.Join(dir, "nats-server-"+version)
 	if fi, err := os.Stat(path); err == nil && !fi.IsDir() && version != "unknown" {
@@ -203,23 +207,25 @@ func NATSServerBinary(ctx context.Context) (string, error) {
 	return path, nil
 }
 
-// natsModuleVersion is the nats-server version this binary was built with.
-func natsModuleVersion() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
+// natsModuleVersion is the nats-server version go.mod requires: from the
+// build info, which a test binary lacks, else from go list.
+func natsModuleVersion(ctx context.Context) string {
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, d := range bi.Deps {
+			if d.Path != natsModule {
+				continue
+			}
+			if d.Replace != nil {
+				d = d.Replace
+			}
+			if d.Version != "" && d.Version != "(devel)" {
+				return d.Version
+			}
+		}
 	}
-	for _, d := range bi.Deps {
-		if d.Path != natsModule {
-			continue
-		}
-		if d.Replace != nil {
-			d = d.Replace
-		}
-		if d.Version == "" || d.Version == "(devel)" {
-			return "unknown"
-		}
-		return d.Version
+	out, err := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", natsModule).Output()
+	if v := strings.TrimSpace(string(out)); err == nil && strings.HasPrefix(v, "v") {
+		return v
 	}
 	return "unknown"
 }
