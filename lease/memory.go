@@ -92,12 +92,25 @@ func (r leaseRecord) outstanding(now, mem int64) bool {
 // memcached (ForeignCheck). If the key's previous lease is still
 // outstanding, its fill may yet come and cannot be told from the new
 // lease's fill on another connection: the record is marked broken until
-// that lease's memory ends. It is a read and a compare-and-swap, retried
-// when another proxy wrote in between. It reports whether the record was
-// written.
+// that lease's memory ends. It is first an add, which stores the record
+// when the key has none (the common case: one round trip, which the
+// lease's winner waits for before it gets its miss); when there is one,
+// a read and a compare-and-swap, retried when another proxy wrote in
+// between. It reports whether the record was written.
 func (l *leaser) writeRecord(ctx context.Context, key string, cas uint64) bool {
 	rk, at := l.record(key)
 	now, mem := l.now().Unix(), l.cfg.memorySeconds()
+	var buf [64]byte
+	resp, err := l.be.MetaSetOn(ctx, at, rk, leaseRecord{cas: cas, won: now}.append(buf[:0]),
+		mcpool.SetOptions{Mode: 'E', TTL: time.Duration(mem) * time.Second})
+	switch {
+	case err != nil:
+		l.recordFailed("write lease record", key, err)
+		return false
+	case resp.Status == mcpool.StatusHD:
+		return true
+	}
+	// NS: the key has a record; read it, and replace it.
 	for range 4 {
 		resp, err := l.be.MetaGetOn(ctx, at, rk, "v", "c")
 		if err != nil {
@@ -124,7 +137,6 @@ func (l *leaser) writeRecord(ctx context.Context, key string, cas uint64) bool {
 			opt.Mode = 'E' // add: another proxy may be writing one
 		}
 		opt.TTL = time.Duration(max(mem, rec.brokenUntil-now)) * time.Second
-		var buf [64]byte
 		resp, err = l.be.MetaSetOn(ctx, at, rk, rec.append(buf[:0]), opt)
 		if err != nil {
 			l.recordFailed("write lease record", key, err)

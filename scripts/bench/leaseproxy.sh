@@ -18,7 +18,8 @@
 # (another leaseproxy build, e.g. the code before a change: it runs as a
 # fourth target, "leaseproxy-ref", with the same config, takes its turns in
 # 1 and 2 (before leaseproxy in even rounds, after it in odd ones), and the
-# medians of leaseproxy/leaseproxy-ref are printed too).
+# medians of leaseproxy/leaseproxy-ref are printed too), LEASEPROXY_FOREIGN_SET
+# (lease.foreign_set of both leaseproxies; unset: the default, check).
 # Figures on a shared 2-core machine are only comparable within one run, so
 # 1 and 2 take turns between the targets, round after round, and report the
 # median over the rounds of each ratio taken within a round. The
@@ -72,7 +73,7 @@ cat >"$WORK/leaseproxy.yaml" <<YML
 listen: 127.0.0.1:$LP
 servers: [127.0.0.1:$M1, 127.0.0.1:$M2]
 hash: ketama
-lease: {ttl: 2s, wait: 250ms, stale: true}
+lease: {ttl: 2s, wait: 250ms, stale: true${LEASEPROXY_FOREIGN_SET:+, foreign_set: $LEASEPROXY_FOREIGN_SET}}
 limits: {max_conns: 19000}
 pool: {conns_per_server: ${LEASEPROXY_CONNS_PER_SERVER:-1}}
 ${LEASEPROXY_PROCS:+procs: $LEASEPROXY_PROCS}
