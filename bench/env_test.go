@@ -119,6 +119,7 @@ type invalidator struct {
 	name    string
 	port    int
 	started time.Time
+	rssFile int64 // RssFile when stopped (see procStatus)
 }
 
 // invalidatorConfig is a config for dc. tail makes it hold slot; purge
@@ -170,13 +171,18 @@ func startInvalidator(b *testing.B, name, config string) *invalidator {
 // peakRSS is the process's peak resident set (VmHWM) in bytes, or 0 once
 // it has exited. Rusage's Maxrss cannot serve here: Linux carries the
 // parent's high-water mark across fork and exec into it.
-func peakRSS(pid int) int64 {
+func peakRSS(pid int) int64 { return procStatus(pid, "VmHWM") }
+
+// procStatus is one "<field>: N kB" of /proc/<pid>/status in bytes (0:
+// none). RssFile is the part of the resident set that maps files, for
+// a Go daemon mostly its own binary's pages.
+func procStatus(pid int, field string) int64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
 			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			return kb << 10
 		}
@@ -192,6 +198,7 @@ func (p *invalidator) stop() int64 {
 		return 0
 	}
 	rss := peakRSS(pid)
+	p.rssFile = procStatus(pid, "RssFile")
 	p.dumpMetrics()
 	if err := p.Stop(); err != nil {
 		p.b.Errorf("%s did not drain: %v", p.name, err)

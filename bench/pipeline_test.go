@@ -308,8 +308,8 @@ func BenchmarkMillionRowRSS(b *testing.B) {
 			rss = append(rss, p.stop())
 		}
 		_, refRSS := recvlogical(ctx, b, e, ref, end)
-		b.Logf("%d rows in one transaction (commit took %v): purged in %d DCs %v after the insert began; peak RSS tail+purge %d MB, purge only %d MB, pg_recvlogical %d MB",
-			rows, committed, len(e.DCs), d, rss[0]>>20, rss[1]>>20, refRSS>>20)
+		b.Logf("%d rows in one transaction (commit took %v): purged in %d DCs %v after the insert began; peak RSS tail+purge %d MB, purge only %d MB, pg_recvlogical %d MB (of the invalidators' resident sets at the end, %d and %d MB map files: the binary)",
+			rows, committed, len(e.DCs), d, rss[0]>>20, rss[1]>>20, refRSS>>20, ps[0].rssFile>>20, ps[1].rssFile>>20)
 		b.ReportMetric(float64(rss[0])/(1<<20), "tail-peak-MB")
 		b.ReportMetric(float64(rss[1])/(1<<20), "purge-peak-MB")
 		b.ReportMetric(float64(refRSS)/(1<<20), "ref-peak-MB")

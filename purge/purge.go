@@ -98,8 +98,8 @@ type Config struct {
 	MaxBatches int
 	// MaxBytes bounds the memory of the batches being applied at once,
 	// counted as their keys' bytes plus 32 per key; beyond it Handle
-	// blocks. A batch larger than MaxBytes is taken alone. 0 means 8 MiB
-	// (about 190,000 keys of 10 bytes: at a million keys a second, far
+	// blocks. A batch larger than MaxBytes is taken alone. 0 means 4 MiB
+	// (about 95,000 keys of 10 bytes: at a million keys a second, far
 	// more than the gate's and memcached's round trips need in flight).
 	// The purge role gives its consumer a quarter of it for messages
 	// pulled and not yet handled.
@@ -135,7 +135,7 @@ type Config struct {
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
-	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxBytes: 8 << 20, MaxChunk: 4096,
+	return Config{Mode: ModeDelete, StaleTTL: 30 * time.Second, MaxBatches: 1024, MaxBytes: 4 << 20, MaxChunk: 4096,
 		Timeout: time.Second, RetryMin: 10 * time.Millisecond, RetryMax: 5 * time.Second, Progress: 10 * time.Second,
 		RecordAfter: 2 * time.Second, MaxBacklogBytes: 64 << 20, MaxRePurgeBytes: 16 << 20}
 }
