@@ -98,3 +98,30 @@ func TestDecodeInPlaceAllocs(t *testing.T) {
 		t.Errorf("keys differ after decoding")
 	}
 }
+
+// BenchmarkDecode: a 1,000-key batch (keys like "item:1000000"), as the
+// consumer decoded it before (Decode) and now (decodeInPlace).
+func BenchmarkDecode(b *testing.B) {
+	keys := make([]string, 1000)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("item:%d", 1000000+i)
+	}
+	data, err := (&Batch{Origin: "dc1", CommitLSN: 5, Keys: keys}).Encode()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		fn   func([]byte) (*Batch, error)
+	}{{"Decode", Decode}, {"InPlace", decodeInPlace}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetBytes(int64(len(data)))
+			for i := 0; i < b.N; i++ {
+				if _, err := c.fn(data); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

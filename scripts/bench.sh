@@ -9,7 +9,9 @@ echo "== Go micro-benchmarks: key rendering, pgoutput decoding, meta pool vs gom
 go test -run '^$' -bench . -benchmem -count 1 ./keys/ ./wal/ ./mcpool/
 echo "== the purger alone over two real memcached (issue 16): 10-key batches, pipelined quiet deletes per server"
 go test -run '^$' -bench Purger -benchtime 100000x ./purge/
-echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS, refill after a pool flush with and without leaseproxy"
+echo "== a delivered batch's decoding (issue 16): encoding/json against the consumer's keys-in-place reading, 1,000 keys"
+go test -run '^$' -bench Decode -benchmem ./bus/
+echo "== invalidation pipeline (issue 3): tail and end-to-end vs pg_recvlogical, commit-to-purge latency, 1M-row RSS, RSS with a DC's pool down for a minute, purge scale-out (1 and 2 purge processes on one DC's durable, and one killed), refill after a pool flush with and without leaseproxy"
 go test -run '^$' -bench . -benchtime 1x -timeout 30m ./bench/
 echo "== counters (issue 5): deltas absorbed by the batcher, and the batcher vs one UPDATE per event at the same rate"
 go test -run '^$' -bench Absorb -benchtime 1000000x ./counterstore/
