@@ -131,6 +131,16 @@ func (c *Consumer) consume(ctx context.Context, handle func(*Delivery)) error {
 		MaxAckPending: c.cfg.MaxAckPending,
 		MaxDeliver:    -1,
 	})
+	if err != nil {
+		// Creating or updating needs JetStream's meta leader, which a
+		// supercluster that lost half its servers (one of two
+		// datacenters) no longer has; the durable itself still works
+		// on its stream's servers: bind to it as it is.
+		if existing, berr := c.js.Consumer(cctx, c.cfg.Stream, c.cfg.Durable()); berr == nil {
+			c.log.Warn("cannot create or update the durable consumer; using it as it is", zap.String("durable", c.cfg.Durable()), zap.Error(err))
+			cons, err = existing, nil
+		}
+	}
 	cancel()
 	if err != nil {
 		return fmt.Errorf("create consumer %s on %s: %w", c.cfg.Durable(), c.cfg.Stream, err)

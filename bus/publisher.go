@@ -184,6 +184,7 @@ type Ack interface{ Done() }
 type pending struct {
 	fut     jetstream.PubAckFuture // nil for an entry without keys
 	msg     *nats.Msg
+	sent    time.Time // when fut was published
 	confirm uint64 // the end LSN of its last whole transaction (0: none), for stats
 	acks    []Ack  // the transactions that end in this batch
 	keys    int
@@ -406,6 +407,7 @@ func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
 		msg.Data = data
 		msg.Header.Set(jetstream.MsgIDHeader, b.MsgID())
 		item.msg = msg
+		item.sent = time.Now()
 		fut, err := p.js.PublishMsgAsync(msg)
 		if err != nil {
 			// Sent again by the tracker; the position waits for it.
@@ -593,12 +595,17 @@ func (p *Publisher) await(ctx context.Context, it pending) (uint64, error) {
 	if it.msg != nil {
 		ok := false
 		if it.fut != nil {
+			// AckTimeout counts from the publish, not from when the
+			// tracker reaches the batch: publishes lost together (a
+			// leader election) time out together, not one after another.
+			timeout := time.NewTimer(time.Until(it.sent.Add(p.cfg.AckTimeout)))
+			defer timeout.Stop()
 			select {
 			case pa := <-it.fut.Ok():
 				ok, seq = true, pa.Sequence
 			case err := <-it.fut.Err():
 				p.log.Warn("publish not acked; retrying", zap.Error(err))
-			case <-time.After(p.cfg.AckTimeout):
+			case <-timeout.C:
 				p.log.Warn("publish ack timed out; retrying", zap.Duration("timeout", p.cfg.AckTimeout))
 			case <-ctx.Done():
 				return 0, ctx.Err()
