@@ -127,8 +127,8 @@ type Source struct {
 }
 
 // ensureSources adds to an existing stream the sources it lacks (a
-// datacenter added to the layout) and raises its replicas to the ones
-// asked for. It never removes a source: a datacenter taken out of the
+// datacenter added to the layout), raises its replicas to the ones asked
+// for, and allows direct reads. It never removes a source: a datacenter taken out of the
 // layout is removed by hand (RUNBOOK).
 func ensureSources(ctx context.Context, js jetstream.JetStream, s jetstream.Stream, cfg StreamConfig) (jetstream.Stream, error) {
 	info := s.CachedInfo()
@@ -144,10 +144,15 @@ func ensureSources(ctx context.Context, js jetstream.JetStream, s jetstream.Stre
 		sc.Replicas = cfg.Replicas
 		changed = true
 	}
-	if !changed {
+	direct := !sc.AllowDirect
+	sc.AllowDirect = true
+	if !changed && !direct {
 		return s, nil
 	}
 	us, err := js.UpdateStream(ctx, sc)
+	if err != nil && !changed {
+		return s, nil // direct reads are a convenience: go on without
+	}
 	if err != nil {
 		return nil, replicasErr(fmt.Errorf("update stream %s (sources, replicas %d): %w", cfg.Name, cfg.Replicas, err), cfg)
 	}

@@ -80,6 +80,10 @@ func EnsureStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig)
 		Replicas:    cfg.Replicas,
 		MaxAge:      cfg.MaxAge,
 		Duplicates:  cfg.Duplicates,
+		// Reads by sequence (the timeline journal, chaos's checker) are
+		// answered by any replica, also while JetStream's meta group has
+		// no leader (a two-datacenter supercluster that lost one).
+		AllowDirect: true,
 	}
 	if cfg.Placement != "" {
 		sc.Placement = &jetstream.Placement{Cluster: cfg.Placement}

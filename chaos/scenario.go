@@ -81,7 +81,9 @@ func Scenarios() []Scenario {
 // standby tail and its leaseproxy go on: the standby takes the slot on
 // the new primary (a failover slot on PostgreSQL 17; before, the slot is
 // lost and every pool flushed once), and dc2's purger reads dc2's copy of
-// the stream. The time from the loss until dc2 purges again is recorded.
+// the stream. The time from the loss until dc2 purges again is recorded;
+// then dc2's invalidators are killed and started again, which must work
+// without dc1 too.
 func dcLoss(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, error) {
 	sleep(ctx, t.Period)
 	dc1, dc2 := w.Env.DCs[0], w.Env.DCs[1]
@@ -127,6 +129,23 @@ func dcLoss(ctx context.Context, w *World, t Timing, log *zap.Logger) (int, erro
 	after := resumed.Sub(lostAt)
 	w.Measure(fmt.Sprintf("%s purged again %s after the loss of %s (promotion took %s)", dc2.Name, after.Round(10*time.Millisecond), dc1.Name, fo.Promoted.Round(10*time.Millisecond)))
 	log.Info("dc2 purges again", zap.Duration("since_the_loss", after))
+	// The survivors' processes must also start again without dc1: kill
+	// -9 dc2's purger and its tail (which now holds the slot), start
+	// them, and see dc2 purge once more.
+	restarted := time.Now()
+	for _, p := range []*testenv.Daemon{w.Purgers[dc2.Name], w.Tails[1]} {
+		if err := p.Kill(); err != nil {
+			return 1, err
+		}
+		w.note("kill -9 " + p.Name + " after the loss")
+		if err := p.Start(); err != nil {
+			return 1, err
+		}
+	}
+	if resumed, err = w.purgedIn(ctx, dc2.Name, 3*time.Minute); err != nil {
+		return 1, fmt.Errorf("dc2's restarted invalidators after the loss of dc1: %w", err)
+	}
+	w.Measure(fmt.Sprintf("%s's invalidators, killed and started again without %s, purged again after %s", dc2.Name, dc1.Name, resumed.Sub(restarted).Round(10*time.Millisecond)))
 	sleep(ctx, t.Period)
 	return 1, ctx.Err()
 }
