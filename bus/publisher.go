@@ -189,8 +189,8 @@ type pending struct {
 	fut     jetstream.PubAckFuture // nil for an entry without keys
 	msg     *nats.Msg
 	sent    time.Time // when fut was published
-	confirm uint64 // the end LSN of its last whole transaction (0: none), for stats
-	acks    []Ack  // the transactions that end in this batch
+	confirm uint64    // the end LSN of its last whole transaction (0: none), for stats
+	acks    []Ack     // the transactions that end in this batch
 	keys    int
 }
 
