@@ -25,9 +25,10 @@ type shard struct {
 	// maxFree): most reads are hits that no other read of the key
 	// overlaps.
 	free []*flight
-	// sets maps a key to its groups of sets under way (setgroups.go).
-	sets map[string]*keySets
-	_    [16]byte // one cache line per shard
+	// sets maps a key to its checks of sets under way (setgroups.go),
+	// and freeSets holds keySets for reuse (at most maxFreeSets).
+	sets     map[string]*keySets
+	freeSets []*keySets
 }
 
 // maxFree bounds a shard's free flights.

@@ -16,10 +16,10 @@ import (
 // connection to the key's server past the pool's timeout, and the
 // timeouts open the breaker of a healthy server.
 //
-// The sets of a key form groups. A set that finds no group of its key
+// The sets of a key form groups. A set that finds no check of its key
 // under way runs alone, as before: one read of the lease record, then its
 // store. A set that finds one under way joins the next group, which
-// starts when the one under way ends: so every request a group sends is
+// starts when the check under way ends: so every request a group sends is
 // sent after all its members arrived. A group reads the lease record
 // once, and then:
 //
@@ -52,74 +52,113 @@ type setReq struct {
 // setGroup is the sets of one key checked together.
 type setGroup struct {
 	members []*setReq // guarded by the shard's mu until the group runs
-	// ready is closed when the group becomes the key's running group: its
-	// first member then runs it.
+	// ready is closed when the group's turn comes: its first member
+	// then runs it.
 	ready chan struct{}
 	// done is closed once every member has its res and err.
 	done chan struct{}
 }
 
-// keySets is what a key has under way in groups.
+// keySets is what a key has under way: a check running (a lone set's or
+// a group's), and the group forming meanwhile (nil: none). It exists
+// while a check runs.
 type keySets struct {
-	running *setGroup // the group being checked and stored
-	next    *setGroup // the group forming meanwhile; nil: none
+	next *setGroup
 }
+
+// maxFreeSets bounds a shard's recycled keySets.
+const maxFreeSets = 8
 
 // groupedFill checks and stores a set (add: an add) of key not tied to a
 // lease, with the sets of key that arrive meanwhile. It returns
 // fillPlain when the caller is to store it as an ordinary write.
 func (l *leaser) groupedFill(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
-	me := &setReq{add: add, value: value, flags: flags, exptime: exptime}
 	sh := l.shardOf(key)
 	sh.mu.Lock()
-	if sh.sets == nil {
-		sh.sets = make(map[string]*keySets)
-	}
 	ks := sh.sets[key]
-	var g *setGroup
-	lead := false
-	switch {
-	case ks == nil:
-		// Nobody can join a running group: no done channel.
-		g = &setGroup{members: []*setReq{me}}
-		sh.sets[key] = &keySets{running: g}
-		lead = true
-	case ks.next == nil:
+	if ks == nil {
+		// No check of key under way: this set runs alone, as without
+		// groups, with nothing allocated.
+		if n := len(sh.freeSets); n > 0 {
+			ks = sh.freeSets[n-1]
+			sh.freeSets = sh.freeSets[:n-1]
+		} else {
+			ks = new(keySets)
+		}
+		if sh.sets == nil {
+			sh.sets = make(map[string]*keySets)
+		}
+		sh.sets[key] = ks
+		sh.mu.Unlock()
+		res, err := l.checkOne(ctx, key, hadLocal, localCAS, add, value, flags, exptime)
+		l.nextGroup(sh, key, ks)
+		return res, err
+	}
+	me := &setReq{add: add, value: value, flags: flags, exptime: exptime}
+	g := ks.next
+	if g == nil {
 		g = &setGroup{members: []*setReq{me}, ready: make(chan struct{}), done: make(chan struct{})}
 		ks.next = g
-		lead = true
-	default:
-		g = ks.next
-		g.members = append(g.members, me)
-		l.st.groupedSets.Add(1)
-	}
-	sh.mu.Unlock()
-	if !lead {
-		<-g.done
+		sh.mu.Unlock()
+		<-g.ready
+		// The group's turn: no member joins it any more.
+		sh.mu.Lock()
+		members := g.members
+		sh.mu.Unlock()
+		l.runGroup(ctx, key, members, hadLocal, localCAS)
+		l.nextGroup(sh, key, ks)
+		close(g.done)
 		return me.res, me.err
 	}
-	if g.ready != nil {
-		<-g.ready
-	}
-	// The group runs: no member joins it any more.
-	sh.mu.Lock()
-	members := g.members
+	g.members = append(g.members, me)
+	l.st.groupedSets.Add(1)
 	sh.mu.Unlock()
-	l.runGroup(ctx, key, members, hadLocal, localCAS)
-	sh.mu.Lock()
-	ks = sh.sets[key]
-	ks.running = ks.next
-	ks.next = nil
-	if ks.running == nil {
-		delete(sh.sets, key)
-	} else {
-		close(ks.running.ready)
-	}
-	sh.mu.Unlock()
-	if g.done != nil {
-		close(g.done)
-	}
+	<-g.done
 	return me.res, me.err
+}
+
+// nextGroup ends the check of key that ran: the group that formed
+// meanwhile, if any, runs next; else key has nothing under way.
+func (l *leaser) nextGroup(sh *shard, key string, ks *keySets) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if g := ks.next; g != nil {
+		ks.next = nil
+		close(g.ready)
+		return
+	}
+	delete(sh.sets, key)
+	if len(sh.freeSets) < maxFreeSets {
+		sh.freeSets = append(sh.freeSets, ks)
+	}
+}
+
+// checkOne checks and stores a lone set (add: an add) of key not tied to
+// a lease: it is stored only if the key has no outstanding lease (then
+// fillPlain: the caller stores), or if it was not invalidated since.
+func (l *leaser) checkOne(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
+	rec, ok, err := l.readRecord(ctx, key)
+	if err != nil {
+		// Without the record the set cannot be checked: refusing costs a
+		// miss, storing might store a stale value (I2). The client gets
+		// the error.
+		l.st.checkFailed.Add(1)
+		l.st.refused.Add(1)
+		return fillRefused, fmt.Errorf("read lease record: %w", err)
+	}
+	now := l.now().Unix()
+	switch {
+	case ok && rec.brokenUntil > now:
+		l.st.refused.Add(1)
+		l.st.refusedBroken.Add(1)
+		return fillRefused, nil
+	case !ok || !rec.outstanding(now, l.cfg.memorySeconds()):
+		return fillPlain, nil
+	}
+	if !hadLocal || localCAS != rec.cas {
+		l.st.foreignFills.Add(1)
+	}
+	return l.chained(ctx, key, rec.cas, add, value, flags, exptime)
 }
 
 // runGroup checks and stores the members of a group (see the file's
