@@ -55,9 +55,10 @@ func watch(addr, prefix string) (*watcher, error) {
 		return nil, err
 	}
 	w := &watcher{conn: c, hb: hb, prefix: prefix, seen: map[int64]time.Time{}, done: make(chan struct{})}
-	// memcached's logger thread sleeps longer and longer (up to a
-	// second) while it finds nothing to log, and a burst that comes while
-	// it sleeps overflows its workers' buffers: lines are late, or lost.
+	// memcached's logger thread sleeps between polls of its workers'
+	// buffers, 1/8 longer after each poll that finds nothing (up to a
+	// second; logger.c), and a burst that comes while it sleeps long
+	// overflows those buffers: lines are late, or lost.
 	// A quiet get of a key outside the prefix every millisecond (logged,
 	// and answered with nothing) keeps it awake.
 	go func() {
