@@ -78,10 +78,18 @@ func (r *rePurge) add(ctx context.Context, commitLSN, endLSN uint64, keys []stri
 	}
 	var pos uint64
 	if log != nil {
-		lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		// Three tries of 5 s: the backlog stream's first creation waits
+		// for JetStream's meta leader, which a busy or just started
+		// cluster can take longer than one try to answer.
 		var err error
-		pos, err = log.AppendRePurge(lctx, commitLSN, endLSN, keys)
-		cancel()
+		for try := 0; try < 3 && ctx.Err() == nil; try++ {
+			lctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			pos, err = log.AppendRePurge(lctx, commitLSN, endLSN, keys)
+			cancel()
+			if err == nil {
+				break
+			}
+		}
 		if err != nil {
 			r.p.log.Warn("cannot record keys for a second purge; kept in memory only (lost if the purger stops first)", zap.Error(err))
 		}
