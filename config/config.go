@@ -45,6 +45,11 @@ type Config struct {
 	// without a source table.
 	Increments IncrementsConfig `yaml:"increments"`
 	HTTP       HTTPConfig       `yaml:"http"`
+	// MemoryLimit is the process's soft memory limit in bytes, set as Go's
+	// memory limit (debug.SetMemoryLimit): the GC works harder as the heap
+	// nears it. 0 (default): none, or GOMEMLIMIT from the environment.
+	// It does not count the binary's own pages (about 18 MB).
+	MemoryLimit int64 `yaml:"memory_limit"`
 
 	CounterSet *counters.Set `yaml:"-"` // compiled by Validate
 }
@@ -137,6 +142,11 @@ type PurgeConfig struct {
 	// means 64 MiB.
 	MaxBytes int64         `yaml:"max_bytes"`
 	Timeout  time.Duration `yaml:"timeout"` // per memcached request; default 500ms
+	// AckWait is how long the DC's durable consumer waits for a batch's
+	// ack before it delivers it again, to another purge process of the DC
+	// if one runs (scale-out): the time a killed purger's batches wait.
+	// Above 10s; 0 means 30s.
+	AckWait time.Duration `yaml:"ack_wait"`
 }
 
 // MessagesConfig selects explicit invalidation messages.
@@ -147,6 +157,9 @@ type MessagesConfig struct {
 // HTTPConfig is the metrics and health listener.
 type HTTPConfig struct {
 	Listen string `yaml:"listen"` // default 127.0.0.1:9187; "off" disables
+	// Pprof serves Go's profiles under /debug/pprof/ on the same listener
+	// (keep it on localhost). Default false.
+	Pprof bool `yaml:"pprof"`
 }
 
 // ErrConfig wraps every configuration error.
@@ -302,6 +315,9 @@ func (c *Config) Validate() (*keys.Set, error) {
 	if c.NATS.CopyTimeout < 0 {
 		bad("nats.copy_timeout must not be negative")
 	}
+	if c.MemoryLimit < 0 {
+		bad("memory_limit %d: must not be negative", c.MemoryLimit)
+	}
 	if c.OnSlotLoss != "" && c.OnSlotLoss != "exit" && c.OnSlotLoss != "flush" {
 		bad("on_slot_loss %q: want exit or flush", c.OnSlotLoss)
 	}
@@ -317,6 +333,9 @@ func (c *Config) Validate() (*keys.Set, error) {
 		}
 		if p.Mode != "delete" && p.Mode != "stale" {
 			bad("purge.mode %q: want delete or stale", p.Mode)
+		}
+		if p.AckWait != 0 && p.AckWait <= 10*time.Second {
+			bad("purge.ack_wait %s: must be above 10s (the purger's progress signal)", p.AckWait)
 		}
 		if p.Timeout < 0 || p.GateMaxWait < 0 || p.StaleTTL < 0 || p.Concurrency < 0 || p.RecordAfter < 0 || p.MaxBacklogBytes < 0 || p.MaxBytes < 0 {
 			bad("purge: durations, sizes and concurrency must not be negative")

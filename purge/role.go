@@ -30,6 +30,9 @@ type RoleConfig struct {
 	// purge process of the DC if one runs: the time a killed purger's
 	// messages wait. It must be above Purger.Progress. 0 means 30s.
 	AckWait time.Duration
+	// BacklogReplicas is the replicas of the DC's backlog stream
+	// (nats.replicas); 0 means 1.
+	BacklogReplicas int
 }
 
 // Role is the purge role: a durable consumer of the stream for this
@@ -78,7 +81,7 @@ func NewRole(cfg RoleConfig, js jetstream.JetStream, reg prometheus.Registerer, 
 	// and applied when it returns. With no placement the stream is created
 	// in the cluster of the NATS server the purger is connected to: its
 	// own DC's.
-	backlog, err := NewJetStreamBacklog(js, BacklogConfig{DC: dc})
+	backlog, err := NewJetStreamBacklog(js, BacklogConfig{DC: dc, Replicas: cfg.BacklogReplicas})
 	if err != nil {
 		pool.Close()
 		return nil, err

@@ -597,6 +597,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{"durable too many", "dc: dc1\nnats: {url: nats://x:4222, datacenters: [dc1, dc2], durable_dcs: 3}\npurge: {servers: [a:1]}\n", "nats.durable_dcs 3"},
 		{"durable alone", "dc: dc1\nnats: {url: nats://x:4222, durable_dcs: 2}\npurge: {servers: [a:1]}\n", "need nats.datacenters"},
 		{"placement with datacenters", "dc: dc1\nnats: {url: nats://x:4222, placement: dc2, datacenters: [dc1, dc2]}\npurge: {servers: [a:1]}\n", "remove placement"},
+		{"short ack wait", "dc: dc1\npurge: {servers: [a:1], ack_wait: 5s}\n", "purge.ack_wait 5s"},
+		{"negative memory limit", "dc: dc1\nmemory_limit: -1\npurge: {servers: [a:1]}\n", "memory_limit -1"},
 		{"repeated dc", "dc: dc1\nnats: {url: nats://x:4222, datacenters: [dc1, dc1]}\npurge: {servers: [a:1]}\n", "repeated"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -30,6 +30,7 @@ func (d *daemon) runPurge(soft, hard context.Context, g *errgroup.Group, conn *b
 	if pc.MaxBytes > 0 {
 		rc.Purger.MaxBytes = pc.MaxBytes
 	}
+	rc.AckWait, rc.BacklogReplicas = pc.AckWait, d.cfg.NATS.Replicas
 	role, err := purge.NewRole(rc, conn.JetStream(), d.reg, d.log.Named("purge"))
 	if errors.Is(err, purge.ErrConfig) {
 		return fmt.Errorf("%w: %w", ErrConfig, err)
