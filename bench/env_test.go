@@ -87,6 +87,11 @@ func env(b *testing.B) *testenv.Env {
 			return
 		}
 		shared.bin, shared.bins = bins.Invalidator, bins
+		// BENCH_INVALIDATOR_BIN runs another build of the invalidator (an
+		// A/B against older code with these benchmarks).
+		if alt := os.Getenv("BENCH_INVALIDATOR_BIN"); alt != "" {
+			shared.bin, shared.bins.Invalidator = alt, alt
+		}
 		// Other test packages may take a picked port first: retry once,
 		// as testenv.New does.
 		for attempt := 0; attempt < 2; attempt++ {
