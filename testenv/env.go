@@ -320,7 +320,6 @@ func (e *Env) Heal(dc string) error {
 	return nil
 }
 
-
 // SetLatency delays every link of the named DC by d in each direction.
 func (e *Env) SetLatency(dc string, d time.Duration) error {
 	x := e.DC(dc)
