@@ -169,7 +169,9 @@ const (
 // replicasErr names ErrReplicas when JetStream refused the replicas.
 func replicasErr(err error, cfg StreamConfig) error {
 	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && (apiErr.ErrorCode == errNoPeers || apiErr.ErrorCode == errInsufficient || apiErr.ErrorCode == errNotClustered) {
+	// "peer offline": a server of the cluster is down now, which passes.
+	if errors.As(err, &apiErr) && !strings.Contains(apiErr.Description, "peer offline") &&
+		(apiErr.ErrorCode == errNoPeers || apiErr.ErrorCode == errInsufficient || apiErr.ErrorCode == errNotClustered) {
 		where := cfg.Placement
 		if where == "" {
 			where = "the connected cluster"

@@ -268,6 +268,18 @@ func (e *Env) startNATS(ctx context.Context, per int) error {
 			g.Go(func() error { return n.WaitJetStream(ctx) })
 		}
 	}
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	if per == 1 {
+		return nil
+	}
+	// Answering is not enough for a cluster: until the meta leader sees
+	// every server, a stream of per replicas cannot be placed ("peer
+	// offline"). Wait until one can, in every DC.
+	for _, dc := range e.DCs {
+		g.Go(func() error { return dc.NATS.waitPlacement(ctx, dc.Name, per) })
+	}
 	return g.Wait()
 }
 

@@ -229,6 +229,39 @@ func (n *NATS) WaitJetStream(ctx context.Context) error {
 	}
 }
 
+// waitPlacement waits until a stream of replicas replicas can be created
+// in cluster (every server there is a known, online peer), creating and
+// deleting a probe stream.
+func (n *NATS) waitPlacement(ctx context.Context, cluster string, replicas int) error {
+	nc, err := nats.Connect(n.URL(), nats.Timeout(time.Second))
+	if err != nil {
+		return fmt.Errorf("nats %s: %w", n.Name, err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("nats %s: %w", n.Name, err)
+	}
+	name := "TESTENV_PROBE_" + cluster
+	for {
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := js.CreateStream(actx, jetstream.StreamConfig{Name: name, Subjects: []string{"testenv.probe." + cluster},
+			Replicas: replicas, Placement: &jetstream.Placement{Cluster: cluster}, Storage: jetstream.MemoryStorage})
+		if err == nil {
+			err = js.DeleteStream(actx, name)
+		}
+		cancel()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("nats %s: %d replicas cannot be placed in %s: %w", n.Name, replicas, cluster, err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
 // Close stops the server if it runs (a process is killed: its store is
 // about to be removed).
 func (n *NATS) Close() error {
