@@ -247,3 +247,23 @@ func InspectStream(ctx context.Context, js jetstream.JetStream, cfg StreamConfig
 	}
 	return b.String(), problems, nil
 }
+
+// GetMsg reads message seq of stream s. The streams allow direct reads,
+// which any replica answers, and a follower that has not yet stored seq
+// answers "not found": a message the stream holds (seq at or past its
+// first sequence, at or before its last as lastSeq says) that is not found
+// is read again for up to a second before GetMsg reports
+// jetstream.ErrMsgNotFound (the message was deleted).
+func GetMsg(ctx context.Context, s jetstream.Stream, seq, firstSeq, lastSeq uint64) (*jetstream.RawStreamMsg, error) {
+	for try := 0; ; try++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err == nil || !errors.Is(err, jetstream.ErrMsgNotFound) || seq < firstSeq || seq > lastSeq || try == 20 {
+			return m, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

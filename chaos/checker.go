@@ -319,9 +319,10 @@ func (c *Checker) Run(ctx context.Context) error {
 				case info.State.FirstSeq > seq:
 					seq = info.State.FirstSeq // aged out before we read it
 				case info.State.LastSeq >= seq:
-					// Stored since the first read, or deleted: read again
-					// now that the stream is known to be past it.
-					if _, err := stream.GetMsg(ctx, seq); errors.Is(err, jetstream.ErrMsgNotFound) {
+					// Stored since the first read (on the replica that
+					// answered), or deleted: read again now that the
+					// stream is known to be past it.
+					if _, err := bus.GetMsg(ctx, stream, seq, info.State.FirstSeq, info.State.LastSeq); errors.Is(err, jetstream.ErrMsgNotFound) {
 						c.readSeq.Store(seq) // deleted
 						seq++
 					}

@@ -53,7 +53,7 @@ func (r *Role) repurge(ctx context.Context, switchLSN uint64, timeline uint32) (
 	var keys []string
 	past := 0
 	for seq := info.State.LastSeq; seq >= info.State.FirstSeq && seq > 0 && past < journalMargin; seq-- {
-		m, err := st.GetMsg(ctx, seq)
+		m, err := bus.GetMsg(ctx, st, seq, info.State.FirstSeq, info.State.LastSeq)
 		if err != nil {
 			if ctx.Err() != nil {
 				return 0, ctx.Err()
