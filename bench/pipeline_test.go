@@ -198,43 +198,7 @@ func BenchmarkTail(b *testing.B) {
 // the end, when the stream holds everything.
 func drained(ctx context.Context, b *testing.B, stream string, ps []*invalidator) time.Time {
 	b.Helper()
-	s, err := shared.js.Stream(ctx, stream)
-	if err != nil {
-		b.Fatal(err)
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		b.Fatal(err)
-	}
-	last := info.State.LastSeq
-	for {
-		done := true
-		for _, dc := range shared.env.DCs {
-			c, err := s.Consumer(ctx, "purge-"+dc.Name)
-			if err != nil {
-				done = false
-				break
-			}
-			ci, err := c.Info(ctx)
-			if err != nil || ci.AckFloor.Stream < last || ci.NumAckPending > 0 {
-				done = false
-				break
-			}
-		}
-		if done {
-			return time.Now()
-		}
-		for _, p := range ps {
-			if err := p.exited(); err != nil {
-				b.Fatal(err)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			b.Fatalf("purge consumers of %s not drained: %v", stream, ctx.Err())
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
+	return drainedAll(ctx, b, shared.js, shared.env, stream, false, ps)
 }
 
 // pipeline starts the tailing and purging invalidator in the first DC and

@@ -101,18 +101,42 @@ func deleteStreams(ctx context.Context, b *testing.B, js jetstream.JetStream) {
 }
 
 // drainedAll waits until every DC's purge consumer has acked its stream
-// (the one stream, or its own with geo) to the end, and returns when it
-// saw that.
+// (the one stream, or its own with geo) to the end as it is when called,
+// and returns when it saw that. Call it after the tailer has confirmed the
+// end, when every stream holds everything.
 func drainedAll(ctx context.Context, b *testing.B, js jetstream.JetStream, e *testenv.Env, stream string, geo bool, ps []*invalidator) time.Time {
 	b.Helper()
+	consumers := make([]jetstream.Consumer, len(e.DCs))
+	last := make([]uint64, len(e.DCs))
+	for i, dc := range e.DCs {
+		name := stream
+		if geo {
+			name = stream + "_" + dc.Name
+		}
+		s, err := js.Stream(ctx, name)
+		if err != nil {
+			b.Fatal(err)
+		}
+		info, err := s.Info(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		last[i] = info.State.LastSeq
+		for consumers[i] == nil {
+			if consumers[i], err = s.Consumer(ctx, "purge-"+dc.Name); err != nil {
+				select {
+				case <-ctx.Done():
+					b.Fatalf("consumer purge-%s of %s: %v", dc.Name, name, err)
+				case <-time.After(2 * time.Millisecond):
+				}
+			}
+		}
+	}
 	for {
 		done := true
-		for _, dc := range e.DCs {
-			name := stream
-			if geo {
-				name = stream + "_" + dc.Name
-			}
-			if !consumerDone(ctx, js, name, "purge-"+dc.Name) {
+		for i, c := range consumers {
+			ci, err := c.Info(ctx)
+			if err != nil || ci.AckFloor.Stream < last[i] || ci.NumAckPending > 0 {
 				done = false
 				break
 			}
@@ -131,22 +155,4 @@ func drainedAll(ctx context.Context, b *testing.B, js jetstream.JetStream, e *te
 		case <-time.After(2 * time.Millisecond):
 		}
 	}
-}
-
-// consumerDone reports whether consumer has acked all of stream.
-func consumerDone(ctx context.Context, js jetstream.JetStream, stream, consumer string) bool {
-	s, err := js.Stream(ctx, stream)
-	if err != nil {
-		return false
-	}
-	info, err := s.Info(ctx)
-	if err != nil {
-		return false
-	}
-	c, err := s.Consumer(ctx, consumer)
-	if err != nil {
-		return false
-	}
-	ci, err := c.Info(ctx)
-	return err == nil && ci.AckFloor.Stream >= info.State.LastSeq && ci.NumAckPending == 0
 }
