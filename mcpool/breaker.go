@@ -36,7 +36,10 @@ func (s BreakerState) String() string {
 // BreakerConfig configures the breaker of each server.
 type BreakerConfig struct {
 	// Failures is how many consecutive failed requests (server down,
-	// timeout, protocol error) open the breaker.
+	// silent timeout, protocol error) open the breaker. A timeout is a
+	// failure only when the request was written and nothing came back on
+	// its connection since (TimeoutSilent); other timeouts, and errors of
+	// the caller's making, neither count nor reset the count.
 	Failures int
 	// OpenFor is how long an open breaker fails requests fast before it
 	// lets one probe through.
@@ -49,14 +52,35 @@ type outcome int
 const (
 	outcomeNeutral outcome = iota // not sent, or cancelled by its caller
 	outcomeSuccess                // the server answered
-	outcomeFailure                // down, timed out, or garbled
+	outcomeFailure                // down, timed out silent, or garbled
+	// Timeouts that are not the server's failure, neutral to the
+	// breaker (see TimeoutWhere):
+	outcomeQueued    // never written: the client was too busy
+	outcomeLate      // written too late to be answered in time
+	outcomeAnswering // written; the server kept sending meanwhile
 )
 
+// classify returns a request's outcome for the breaker. Of the timeouts
+// only the silent ones (written, and nothing came back on the connection
+// since) are failures: a client process too busy to send or read its
+// requests in time must not open the breaker of a healthy server.
 func classify(err error) outcome {
-	switch {
-	case err == nil:
+	if err == nil {
 		return outcomeSuccess
-	case errors.Is(err, ErrServerDown), errors.Is(err, ErrTimeout), errors.Is(err, ErrProtocol):
+	}
+	if errors.Is(err, ErrTimeout) {
+		switch TimeoutWhereOf(err) {
+		case TimeoutQueued:
+			return outcomeQueued
+		case TimeoutLate:
+			return outcomeLate
+		case TimeoutAnswering:
+			return outcomeAnswering
+		}
+		return outcomeFailure
+	}
+	switch {
+	case errors.Is(err, ErrServerDown), errors.Is(err, ErrProtocol):
 		return outcomeFailure
 	}
 	var se *ServerError

@@ -2,12 +2,14 @@ package mcpool
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -28,6 +30,10 @@ type ConnConfig struct {
 	// MaxValueSize is the largest value, in bytes, accepted in a request
 	// (ErrBadRequest) or a response (ErrProtocol, the connection closes).
 	MaxValueSize int
+	// minSilence is how long a request must have been written, with
+	// nothing received since, for its timeout to be TimeoutSilent; one
+	// written later is TimeoutLate. Pool sets it to Config.Timeout/2.
+	minSilence time.Duration
 }
 
 // DefaultConnConfig returns MaxInFlight 1024, IOTimeout 2s and
@@ -72,6 +78,10 @@ type request struct {
 	// due is the expiry tick at which the request times out while in
 	// the pipeline (Config.Timeout; see expiry), 0 for none.
 	due int64
+	// seq is the request's place in its connection's wire order (1, 2,
+	// ...; Conn.seq), 0 until it joins pending. Set and read under the
+	// connection's mu.
+	seq uint64
 	// answered is set by the first of the reader, the drain and the
 	// expiry to deliver a result: exactly one goes into done.
 	answered atomic.Bool
@@ -146,7 +156,7 @@ func (r *request) release() {
 		}
 		r.buf = nil
 	}
-	r.buf, r.err, r.quiet, r.kind, r.due = r.buf[:0], nil, false, 0, 0
+	r.buf, r.err, r.quiet, r.kind, r.due, r.seq = r.buf[:0], nil, false, 0, 0, 0
 	r.chain, r.fails = 0, r.fails[:0]
 	r.answered.Store(false)
 	reqPool.Put(r)
@@ -179,6 +189,62 @@ func (q *fifo) pop() *request {
 	q.head = (q.head + 1) % len(q.buf)
 	q.n--
 	return r
+}
+
+// writeMark records one write: the last request it carried (hi, a seq),
+// the bytes the reader had received when it began (rx), and when it
+// began (at). A request that times out after its write counts as
+// answered-to (TimeoutAnswering) when more bytes than rx have come since.
+type writeMark struct {
+	hi, rx uint64
+	at     time.Time
+}
+
+// writeMarks is a queue of writeMarks in order of hi; the marks of
+// requests no longer in pending are dropped as new ones come. It holds
+// at most one mark per request in pending.
+type writeMarks struct {
+	buf  []writeMark
+	head int
+}
+
+func (m *writeMarks) push(w writeMark) {
+	switch {
+	case m.head == len(m.buf):
+		m.buf, m.head = m.buf[:0], 0
+	case m.head > 0 && len(m.buf) == cap(m.buf):
+		n := copy(m.buf, m.buf[m.head:])
+		m.buf, m.head = m.buf[:n], 0
+	}
+	m.buf = append(m.buf, w)
+}
+
+// dropBelow drops the marks whose last request precedes seq.
+func (m *writeMarks) dropBelow(seq uint64) {
+	for m.head < len(m.buf) && m.buf[m.head].hi < seq {
+		m.head++
+	}
+}
+
+// find returns the mark of the write that carried request seq.
+func (m *writeMarks) find(seq uint64) (writeMark, bool) {
+	live := m.buf[m.head:]
+	i, _ := slices.BinarySearchFunc(live, seq, func(w writeMark, s uint64) int { return cmp.Compare(w.hi, s) })
+	if i == len(live) {
+		return writeMark{}, false
+	}
+	return live[i], true
+}
+
+// rxCounter counts the bytes the reader receives from the server.
+type rxCounter struct{ c *Conn }
+
+func (r rxCounter) Read(p []byte) (int, error) {
+	n, err := r.c.nc.Read(p)
+	if n > 0 {
+		r.c.rx.Add(uint64(n))
+	}
+	return n, err
 }
 
 // Conn is one connection to one memcached server with requests pipelined
@@ -215,6 +281,10 @@ type Conn struct {
 	waiting  atomic.Int32
 	slotFree chan struct{}
 	kick     chan struct{} // hands the flush to the writer goroutine
+	// rx counts the bytes received from the server (rxCounter): a
+	// request timed out after its write, while rx grew, was not one the
+	// server left unanswered.
+	rx atomic.Uint64
 
 	mu sync.Mutex // guards the fields up to wdeadline
 	// wbuf holds requests not yet written, in the order of pending.
@@ -222,6 +292,12 @@ type Conn struct {
 	spare []byte
 	// pending lists the requests written or in wbuf, in wire order.
 	pending fifo
+	// seq is the seq of the last request to join pending, wseq that of
+	// the last one a completed write carried; marks has a mark per write
+	// that may have carried a request still in pending. They tell where
+	// a request that timed out was (timeoutWhereLocked).
+	seq, wseq uint64
+	marks     writeMarks
 	// writing is set while a caller or the writer goroutine is in
 	// flushLocked; yielding while a caller yields before writing; kicked
 	// while the writer goroutine has a flush to take over. nq counts the
@@ -259,13 +335,13 @@ func newConn(nc net.Conn, addr string, cfg ConnConfig) *Conn {
 		addr:     addr,
 		cfg:      cfg,
 		nc:       nc,
-		br:       bufio.NewReaderSize(nc, 64<<10),
 		slotFree: make(chan struct{}, 1),
 		kick:     make(chan struct{}, 1),
 		wbuf:     make([]byte, 0, 4<<10),
 		closing:  make(chan struct{}),
 		exited:   make(chan struct{}),
 	}
+	c.br = bufio.NewReaderSize(rxCounter{c}, 64<<10)
 	c.wg.Add(2)
 	go c.writeLoop()
 	go c.readLoop()
@@ -338,9 +414,9 @@ func (c *Conn) awaitSlot(ctx context.Context, expired <-chan struct{}) error {
 		select {
 		case <-c.slotFree:
 		case <-ctx.Done():
-			return ctxError(ctx)
+			return ctxError(ctx, TimeoutQueued)
 		case <-expired:
-			return errDefaultTimeout
+			return timeoutErrs[TimeoutQueued]
 		case <-c.closing:
 			return c.err
 		}
@@ -397,12 +473,60 @@ func (c *Conn) expire(tick int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	q := &c.pending
+	var unread int8
 	for i := 0; i < q.n; i++ {
 		// due 0: its ctx has a deadline, not ours to end.
-		if r := q.buf[(q.head+i)%len(q.buf)]; r.due != 0 && r.due <= tick {
-			r.deliver(result{err: errDefaultTimeout, abandoned: true})
+		if r := q.buf[(q.head+i)%len(q.buf)]; r.due != 0 && r.due <= tick && !r.answered.Load() {
+			r.deliver(result{err: timeoutErrs[c.timeoutWhereLocked(r, &unread)], abandoned: true})
 		}
 	}
+}
+
+// timeoutWhereLocked says where r was when its deadline passed (c.mu
+// held): not yet written (queued); written, with bytes received since or
+// waiting in the kernel (answering); written less than minSilence ago,
+// nothing since (late); or written earlier, nothing since (silent).
+// unread caches, for one call of expire, whether the kernel holds bytes
+// not yet read: 0 not asked, 1 yes, -1 no.
+func (c *Conn) timeoutWhereLocked(r *request, unread *int8) TimeoutWhere {
+	q := &c.pending
+	switch {
+	case r.seq == 0 || r.seq > c.wseq && (q.n > 0 && r.seq >= q.buf[q.head].seq):
+		// Never joined the pipeline, or still in it and not written.
+		return TimeoutQueued
+	case q.n == 0 || r.seq < q.buf[q.head].seq:
+		// Out of pending: the reader has begun to read its response.
+		return TimeoutAnswering
+	}
+	m, ok := c.marks.find(r.seq)
+	if ok && c.rx.Load() > m.rx {
+		return TimeoutAnswering
+	}
+	if *unread == 0 {
+		*unread = -1
+		if unreadBytes(c.nc) {
+			*unread = 1
+		}
+	}
+	if *unread > 0 {
+		// The server answered; the reader has yet to run.
+		return TimeoutAnswering
+	}
+	if ok && time.Since(m.at) < c.cfg.minSilence {
+		// Its deadline was spent queued: the server had it too briefly
+		// for its silence to mean anything.
+		return TimeoutLate
+	}
+	return TimeoutSilent
+}
+
+// timeoutError returns the error of r, whose ctx deadline passed (err).
+func (c *Conn) timeoutError(r *request, err error) error {
+	c.mu.Lock()
+	var unread int8
+	where := c.timeoutWhereLocked(r, &unread)
+	c.mu.Unlock()
+	return &TimeoutError{Where: where, Err: err}
 }
 
 // maxWriteBuf is the capacity beyond which a write buffer is not kept.
@@ -426,6 +550,8 @@ func (c *Conn) send(r *request, corked bool) error {
 		return c.err
 	}
 	c.wbuf = append(c.wbuf, r.buf...)
+	c.seq++
+	r.seq = c.seq
 	c.pending.push(r)
 	c.nq++
 	switch {
@@ -476,7 +602,16 @@ func (c *Conn) flushLocked(rounds int) {
 		rounds--
 		buf := c.wbuf
 		c.wbuf, c.spare, c.nq = c.spare[:0], nil, 0
-		if now := time.Now(); c.wdeadline.Sub(now) < c.cfg.IOTimeout/2 {
+		// buf carries the requests up to c.seq.
+		hi := c.seq
+		if c.pending.n > 0 {
+			c.marks.dropBelow(c.pending.buf[c.pending.head].seq)
+		} else {
+			c.marks.dropBelow(hi + 1)
+		}
+		now := time.Now()
+		c.marks.push(writeMark{hi: hi, rx: c.rx.Load(), at: now})
+		if c.wdeadline.Sub(now) < c.cfg.IOTimeout/2 {
 			c.wdeadline = now.Add(c.cfg.IOTimeout)
 			_ = c.nc.SetWriteDeadline(c.wdeadline)
 		}
@@ -492,6 +627,7 @@ func (c *Conn) flushLocked(rounds int) {
 			c.mu.Lock()
 			return
 		}
+		c.wseq = hi
 	}
 }
 
@@ -694,12 +830,15 @@ func (c *Conn) wait(ctx context.Context, r *request) (resp Response, ok bool, er
 	case res := <-r.done:
 		return res.resp, !res.abandoned, res.err
 	case <-done:
-		err = ctxError(ctx)
+		err = ctx.Err()
 	}
 	select {
 	case res := <-r.done: // it raced in
 		return res.resp, !res.abandoned, res.err
 	default:
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		err = c.timeoutError(r, ctx.Err())
 	}
 	return Response{}, false, err
 }
@@ -716,15 +855,12 @@ func (c *Conn) roundTrip(ctx context.Context, r *request) (Response, error) {
 	return resp, err
 }
 
-// errDefaultTimeout is the error of a request that outlived
-// Config.Timeout, its ctx having no deadline.
-var errDefaultTimeout = fmt.Errorf("%w: %w", ErrTimeout, context.DeadlineExceeded)
-
-// ctxError wraps ctx.Err(): a passed deadline is also ErrTimeout.
-func ctxError(ctx context.Context) error {
+// ctxError returns ctx.Err(), a passed deadline as a *TimeoutError
+// (ErrTimeout) saying where the request was.
+func ctxError(ctx context.Context, where TimeoutWhere) error {
 	err := ctx.Err()
 	if errors.Is(err, context.DeadlineExceeded) {
-		return fmt.Errorf("%w: %w", ErrTimeout, err)
+		return &TimeoutError{Where: where, Err: err}
 	}
 	return err
 }

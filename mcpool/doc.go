@@ -59,6 +59,16 @@
 // classified with [Retryable]. Metrics are left to callers: see
 // [Pool.Stats] and Config.OnBreakerChange.
 //
+// A timeout is a [*TimeoutError] that says where the request was
+// ([TimeoutWhere]): never written (queued), written in the last half of
+// its timeout with nothing back since (late), written with bytes from
+// the server received on its connection since (answering), or written
+// with nothing back for at least half its timeout (silent). Only silent
+// timeouts count against the breaker: a client process too busy to send
+// its requests or read the answers in time (a herd on a starved host)
+// must not open the breaker of a healthy server, while a dead, stopped
+// or black-holed one still opens it.
+//
 // API summary (see each declaration for details):
 //
 //	// placement

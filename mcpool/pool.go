@@ -108,7 +108,7 @@ func (c Config) Validate() error {
 }
 
 func (c Config) connConfig() ConnConfig {
-	return ConnConfig{MaxInFlight: c.MaxInFlight, IOTimeout: c.IOTimeout, MaxValueSize: c.MaxValueSize}
+	return ConnConfig{MaxInFlight: c.MaxInFlight, IOTimeout: c.IOTimeout, MaxValueSize: c.MaxValueSize, minSilence: c.Timeout / 2}
 }
 
 // ServerStats are one server's figures, for metrics. Counters only grow.
@@ -117,12 +117,19 @@ type ServerStats struct {
 	State    BreakerState
 	Conns    int    // connections up
 	InFlight int    // requests queued or awaiting a response
-	Requests uint64 // requests sent
-	Failures uint64 // requests that failed: down, timeout, protocol error
+	Requests uint64 // requests sent (answered or failed; not TimeoutsQueued)
+	Failures uint64 // requests that failed, counted by the breaker: down, silent timeout, protocol error
 	Rejected uint64 // requests failed fast by an open breaker
 	Opens    uint64 // times the breaker opened
 	Dials    uint64 // successful connection attempts
 	DialErrs uint64 // failed connection attempts
+	// Timeouts by where the request was (see TimeoutWhere). Only
+	// TimeoutsSilent are failures (and part of Failures); the others
+	// are the client's delay, not the server's.
+	TimeoutsQueued    uint64 // never written: waited for a connection, a slot or the write
+	TimeoutsLate      uint64 // written less than Timeout/2 before the deadline; nothing came back since
+	TimeoutsAnswering uint64 // written; the server kept sending on the connection meanwhile
+	TimeoutsSilent    uint64 // written; nothing came back since
 }
 
 // Pool is one datacenter's memcached pool. Its methods are safe for
@@ -155,6 +162,8 @@ type server struct {
 	firstDone atomic.Int32 // slots that have had their first attempt
 
 	requests, failures, rejected, opens, dials, dialErrs atomic.Uint64
+	timeoutsQueued, timeoutsLate, timeoutsAnswering      atomic.Uint64
+	timeoutsSilent                                       atomic.Uint64
 }
 
 type connSlot struct {
@@ -316,9 +325,9 @@ func (s *server) conn(ctx context.Context, expired <-chan struct{}) (*Conn, erro
 	select {
 	case <-s.ready:
 	case <-ctx.Done():
-		return nil, ctxError(ctx)
+		return nil, ctxError(ctx, TimeoutQueued)
 	case <-expired:
-		return nil, errDefaultTimeout
+		return nil, timeoutErrs[TimeoutQueued]
 	}
 	// Look again even if ready was closed before: the first connection
 	// may have come up since the first look.
@@ -395,13 +404,27 @@ func (p *Pool) begin(ctx context.Context, expired <-chan struct{}, s *server, r 
 	return c, probe, nil
 }
 
+// finish counts a request's outcome and gives it to the breaker.
 func (p *Pool) finish(s *server, probe bool, err error) {
 	o := classify(err)
-	if o != outcomeNeutral {
+	switch o {
+	case outcomeSuccess:
 		s.requests.Add(1)
-	}
-	if o == outcomeFailure {
+	case outcomeNeutral:
+	case outcomeFailure:
+		s.requests.Add(1)
 		s.failures.Add(1)
+		if TimeoutWhereOf(err) == TimeoutSilent {
+			s.timeoutsSilent.Add(1)
+		}
+	case outcomeQueued:
+		s.timeoutsQueued.Add(1)
+	case outcomeLate:
+		s.requests.Add(1)
+		s.timeoutsLate.Add(1)
+	case outcomeAnswering:
+		s.requests.Add(1)
+		s.timeoutsAnswering.Add(1)
 	}
 	s.br.record(probe, o, err)
 }
@@ -771,6 +794,11 @@ func (p *Pool) Stats() []ServerStats {
 			Opens:    s.opens.Load(),
 			Dials:    s.dials.Load(),
 			DialErrs: s.dialErrs.Load(),
+
+			TimeoutsQueued:    s.timeoutsQueued.Load(),
+			TimeoutsLate:      s.timeoutsLate.Load(),
+			TimeoutsAnswering: s.timeoutsAnswering.Load(),
+			TimeoutsSilent:    s.timeoutsSilent.Load(),
 		}
 		for _, slot := range s.slots {
 			if c := slot.conn.Load(); c != nil && c.Err() == nil {
