@@ -382,10 +382,11 @@ func saturatedConfig(tr *transitions) func(*Config) {
 	}
 }
 
-const saturatedClients = 5000
+const saturatedClients = 10000 // the herd of issue 14
 
-// TestSaturatedClientKeepsBreakerClosed: 5,000 goroutines at once on a
-// healthy memcached, through 32 slots, with a 50ms timeout. Most of
+// TestSaturatedClientKeepsBreakerClosed: 10,000 goroutines at once on a
+// healthy memcached, 10 gets each, through 32 slots, with a 50ms
+// timeout. Most of
 // their requests time out waiting for a slot in this process; the
 // breaker must stay closed, as the server answers all it is sent.
 func TestSaturatedClientKeepsBreakerClosed(t *testing.T) {
@@ -395,7 +396,7 @@ func TestSaturatedClientKeepsBreakerClosed(t *testing.T) {
 	if _, err := pool.MetaSet(testCtx(t), "sat", make([]byte, 1000), SetOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := saturate(pool, "sat", saturatedClients, 4); err != nil {
+	if err := saturate(pool, "sat", saturatedClients, 10); err != nil {
 		t.Fatal(err)
 	}
 	st := pool.Stats()[0]
@@ -405,6 +406,9 @@ func TestSaturatedClientKeepsBreakerClosed(t *testing.T) {
 	}
 	if st.TimeoutsQueued < 100 {
 		t.Fatalf("only %d queued timeouts: the load did not saturate the client", st.TimeoutsQueued)
+	}
+	if st.Requests <= st.TimeoutsAnswering+st.TimeoutsLate+st.TimeoutsSilent {
+		t.Fatalf("stats %+v: no get was answered", st)
 	}
 	if st.Opens != 0 || st.Rejected != 0 {
 		t.Fatalf("stats %+v; want no open, no rejection", st)
