@@ -19,7 +19,10 @@
 # fourth target, "leaseproxy-ref", with the same config, takes its turns in
 # 1 and 2 (before leaseproxy in even rounds, after it in odd ones), and the
 # medians of leaseproxy/leaseproxy-ref are printed too), LEASEPROXY_FOREIGN_SET
-# (lease.foreign_set of both leaseproxies; unset: the default, check).
+# (lease.foreign_set of both leaseproxies; unset: the default, check),
+# LEASEPROXY_REF_FOREIGN_SET (lease.foreign_set of leaseproxy-ref alone: with
+# LEASEPROXY_REF_BIN set to the same build and "plain", the rounds measure
+# what the default check of sets not tied to a lease costs).
 # Figures on a shared 2-core machine are only comparable within one run, so
 # 1 and 2 take turns between the targets, round after round, and report the
 # median over the rounds of each ratio taken within a round. The
@@ -85,7 +88,9 @@ LPTARGETS=("leaseproxy=127.0.0.1:$LP=$LPPID"); LOADREF=""
 if [ -n "${LEASEPROXY_REF_BIN:-}" ]; then
 	LPR=$(freeport); LPRH=$(freeport)
 	sed -e "s/^listen: .*/listen: 127.0.0.1:$LPR/" -e "s/^http: .*/http: {listen: 127.0.0.1:$LPRH}/" \
-		-e 's/^lease: {\(.*\)}$/lease: {\1, record_prefix: "_leaseref:"}/' "$WORK/leaseproxy.yaml" >"$WORK/leaseproxy-ref.yaml"
+		-e 's/^lease: {\(.*\)}$/lease: {\1, record_prefix: "_leaseref:"}/' \
+		${LEASEPROXY_REF_FOREIGN_SET:+-e 's/, foreign_set: [a-z]*//' -e "s/^lease: {\(.*\)}\$/lease: {\1, foreign_set: $LEASEPROXY_REF_FOREIGN_SET}/"} \
+		"$WORK/leaseproxy.yaml" >"$WORK/leaseproxy-ref.yaml"
 	"$LEASEPROXY_REF_BIN" -config "$WORK/leaseproxy-ref.yaml" 2>"$WORK/leaseproxy-ref.log" & LPRPID=$!; PIDS+=($LPRPID)
 	waitport "$LPR"
 	LPTARGETS+=("leaseproxy-ref=127.0.0.1:$LPR=$LPRPID"); LOADREF=",leaseproxy-ref=127.0.0.1:$LPR"
