@@ -177,23 +177,6 @@
 //     compare-and-swap of the record per lease won, one extra read per
 //     set without a lease on its connection, and about 170 bytes of
 //     memcached memory per key leased within Lease.Memory.
-//
-//     That read is a round trip before the set's own, and cannot be
-//     skipped or sent together with the store. The record and the item
-//     are two keys, and memcached has no store conditional on another
-//     key. Neither what the proxy saw earlier nor the item itself can
-//     stand in for a read of the record made after the set arrived: a
-//     lease's record is written after memcached gave W, so a proxy that
-//     found no record may have read it before a lease won earlier had
-//     its record written; and a record marked broken refuses a set that
-//     a compare-and-swap against an unchanged item would store (the
-//     broken lease's late fill). A store sent with the read, guarded by
-//     the item's CAS, would thus store a fill that the check refuses
-//     (I2). The check's cost is that round trip: on one core it costs a
-//     set one more turn of the proxy's scheduler (the answer to a
-//     request is taken when the run queue empties), 5-6% of
-//     memcaslap's 9:1 throughput against "plain" on this project's
-//     2-core host (BENCHMARKS.md).
 //   - "plain": B stores as usual. Fast, but such a fill is not checked:
 //     it can store a value read before an invalidation (breaks I2 for
 //     clients that spread one get/set pair over proxies).
@@ -202,6 +185,22 @@
 //     writes (write-through, counters) are refused too; only for
 //     deployments where every set is a fill and each client sticks to
 //     one proxy.
+//
+// Under "check", the record read of a set not tied to a lease is a round
+// trip before the set's own. It cannot be skipped or sent together with
+// the store. The record and the item are two keys, and
+// memcached has no store conditional on another key. Neither what the
+// proxy saw earlier nor the item itself can stand in for a read of the
+// record made after the set arrived: a lease's record is written after
+// memcached gave W, so a proxy that found no record may have read it
+// before a lease won earlier had its record written; and a record marked
+// broken refuses a set that a compare-and-swap against an unchanged item
+// would store (the broken lease's late fill). A store sent with the read,
+// guarded by the item's CAS, would thus store a fill that the check
+// refuses (I2). The check's cost is that round trip: on one core it costs
+// a set one more turn of the proxy's scheduler (the answer to a request is
+// taken when the run queue empties), 5-6% of memcaslap's 9:1 throughput
+// against "plain" on this project's 2-core host (BENCHMARKS.md).
 //
 // Commands that act on an existing item only (delete, replace, append,
 // prepend, incr, decr, touch) first read the key's state (mg s f c): the
