@@ -107,6 +107,8 @@
 //	func (p *Pool) Close() error
 //
 //	func Retryable(err error) bool
+//	func TimeoutWhereOf(err error) TimeoutWhere // queued, late, answering, silent
+//	func (s ServerStats) TimeoutsOf(w TimeoutWhere) uint64
 //
 // Memcached applies mg flags in the order given: "N30 t" reports the TTL
 // of the item N creates, "t N30" reports -1.

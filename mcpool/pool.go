@@ -132,6 +132,22 @@ type ServerStats struct {
 	TimeoutsSilent    uint64 // written; nothing came back since
 }
 
+// TimeoutsOf returns the timeouts counted where w says (for metrics:
+// one series per TimeoutQueued ... TimeoutSilent, labelled w.String()).
+func (s ServerStats) TimeoutsOf(w TimeoutWhere) uint64 {
+	switch w {
+	case TimeoutQueued:
+		return s.TimeoutsQueued
+	case TimeoutLate:
+		return s.TimeoutsLate
+	case TimeoutAnswering:
+		return s.TimeoutsAnswering
+	case TimeoutSilent:
+		return s.TimeoutsSilent
+	}
+	return 0
+}
+
 // Pool is one datacenter's memcached pool. Its methods are safe for
 // concurrent use. New starts a connection manager per connection; Close
 // stops them and waits.

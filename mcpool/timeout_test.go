@@ -258,6 +258,11 @@ func TestTimeoutWhere(t *testing.T) {
 	if st.TimeoutsAnswering != 1 || st.TimeoutsSilent != 1 || st.TimeoutsLate != 1 || st.TimeoutsQueued != 1 || st.Failures != 1 {
 		t.Fatalf("stats %+v; want one timeout of each kind, one failure (the silent one)", st)
 	}
+	for w := TimeoutQueued; w <= TimeoutSilent; w++ {
+		if n := st.TimeoutsOf(w); n != 1 {
+			t.Fatalf("TimeoutsOf(%s) got %d; want 1", w, n)
+		}
+	}
 	if st.Requests != 4 { // a, b, c, d were sent; e was not
 		t.Fatalf("stats %+v: requests %d; want 4", st, st.Requests)
 	}
