@@ -57,6 +57,10 @@ type Gate struct {
 	lagging   bool
 	lagTarget uint64
 	gaveUp    chan struct{} // closed and replaced when lagging begins
+
+	// pollTime is told how long each read of the replica's position
+	// took (nil: not measured); set before Run.
+	pollTime interface{ Observe(float64) }
 }
 
 // NewGate returns a gate for the replica at cfg.DSN.
@@ -208,7 +212,11 @@ func (g *Gate) Run(ctx context.Context) error {
 			}
 			conn = c
 		}
+		polled := time.Now()
 		lsn, err := replayLSN(ctx, conn)
+		if g.pollTime != nil && err == nil {
+			g.pollTime.Observe(time.Since(polled).Seconds())
+		}
 		if err != nil {
 			conn.Close(context.Background())
 			conn = nil

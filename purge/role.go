@@ -206,7 +206,10 @@ func registerGate(reg prometheus.Registerer, dc string, g *Gate) {
 		}
 		return 0
 	}
-	reg.MustRegister(
+	poll := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "invalidator_gate_poll_seconds", Help: "Round trip of one read of the DC replica's replay position by the gate.",
+		ConstLabels: c, Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)})
+	g.pollTime = poll
+	reg.MustRegister(poll,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "invalidator_replica_replay_lsn", Help: "The DC replica's last replay LSN as a number.", ConstLabels: c},
 			func() float64 { return float64(g.Replayed()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "invalidator_replica_up", Help: "1 when the last poll of the DC replica succeeded.", ConstLabels: c}, up),
