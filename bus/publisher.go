@@ -233,9 +233,34 @@ type Publisher struct {
 
 	timeline atomic.Uint32 // the primary's timeline, written in every batch
 
+	obs StageObserver // nil: none; set before Run
+
 	statsMu sync.Mutex // guards stats
 	stats   PublisherStats
 }
+
+// StageObserver is told how long each published batch spent in each
+// stage of the tail (the part of commit-to-purge before JetStream
+// stores it): StageReceive, commit to the batch's first keys handed to
+// the publisher (the walsender's decoding, the replication connection,
+// this process's reading and rendering); StageBatch, from then to the
+// publish (linger, batching); StageAck, the publish to its ack read by
+// the tracker (the client's flusher, JetStream's store, the ack's way
+// back, and batches before it in the tracker's order).
+type StageObserver interface {
+	ObserveStage(stage string, d time.Duration)
+}
+
+// The stages told to a StageObserver.
+const (
+	StageReceive = "receive"
+	StageBatch   = "batch"
+	StageAck     = "ack"
+)
+
+// SetStageObserver sets the observer of every batch's stages; call it
+// before the first transaction.
+func (p *Publisher) SetStageObserver(o StageObserver) { p.obs = o }
 
 // NewPublisher validates cfg and returns a publisher on js.
 func NewPublisher(js jetstream.JetStream, cfg PublisherConfig, log *zap.Logger) (*Publisher, error) {
@@ -412,6 +437,12 @@ func (p *Publisher) flushLocked(ctx context.Context, final bool) error {
 		msg.Header.Set(jetstream.MsgIDHeader, b.MsgID())
 		item.msg = msg
 		item.sent = time.Now()
+		if p.obs != nil {
+			if !b.CommitTime.IsZero() {
+				p.obs.ObserveStage(StageReceive, max(p.started.Sub(b.CommitTime), 0))
+			}
+			p.obs.ObserveStage(StageBatch, item.sent.Sub(p.started))
+		}
 		fut, err := p.js.PublishMsgAsync(msg)
 		if err != nil {
 			// Sent again by the tracker; the position waits for it.
@@ -607,6 +638,9 @@ func (p *Publisher) await(ctx context.Context, it pending) (uint64, error) {
 			select {
 			case pa := <-it.fut.Ok():
 				ok, seq = true, pa.Sequence
+				if p.obs != nil {
+					p.obs.ObserveStage(StageAck, time.Since(it.sent))
+				}
 			case err := <-it.fut.Err():
 				p.log.Warn("publish not acked; retrying", zap.Error(err))
 			case <-timeout.C:

@@ -171,6 +171,7 @@ func New(cfg Config, rules *keys.Set, js jetstream.JetStream, reg prometheus.Reg
 	if reg != nil {
 		reg.MustRegister(r.slotLost, r.repurged)
 	}
+	pub.SetStageObserver(newStageMetrics(reg))
 	r.keys = NewHandler(rules, pub, NewMetrics(reg), log)
 	r.keys.id.need = func(t string) []string { return NeedOld(t, r.keys.rules, cfg.Counters) }
 	kh = r.keys
