@@ -131,8 +131,14 @@ type invalidator struct {
 // invalidatorConfig is a config for dc. tail makes it hold slot; purge
 // makes it purge dc's memcached pool, gated on dc's replica.
 func invalidatorConfig(e *testenv.Env, dc *testenv.DC, slot, stream string, tail, purge bool) string {
-	cfg := fmt.Sprintf("dc: %s\npostgres: {dsn: %q, slot: %s, publication: bench}\nnats: {url: %q, stream: %s, placement: %s}\ntail: %t\nhttp: {listen: \"127.0.0.1:0\"}\n",
-		dc.Name, e.Primary.DSN(""), slot, dc.NATS.URL(), stream, e.DCs[0].Name, tail)
+	// BENCH_TRACE_DIR turns on the daemons' /debug/pprof/ (http.pprof),
+	// for the execution traces BenchmarkCommitToPurge takes there.
+	pprof := ""
+	if os.Getenv("BENCH_TRACE_DIR") != "" {
+		pprof = ", pprof: true"
+	}
+	cfg := fmt.Sprintf("dc: %s\npostgres: {dsn: %q, slot: %s, publication: bench}\nnats: {url: %q, stream: %s, placement: %s}\ntail: %t\nhttp: {listen: \"127.0.0.1:0\"%s}\n",
+		dc.Name, e.Primary.DSN(""), slot, dc.NATS.URL(), stream, e.DCs[0].Name, tail, pprof)
 	if purge {
 		cfg += fmt.Sprintf("purge:\n  servers: [%s]\n  replica_dsn: %q\n", strings.Join(dc.MemcachedAddrs(), ", "), dc.Replica.DSN(""))
 		// BENCH_PURGE_YAML adds settings to the purge section, one

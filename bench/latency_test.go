@@ -189,9 +189,31 @@ func BenchmarkCommitToPurge(b *testing.B) {
 				watchers[dc.Name] = append(watchers[dc.Name], w)
 			}
 		}
+		var ref *refReader
+		if os.Getenv("BENCH_LAT_REF") != "0" {
+			ref = startRef(ctx, b, e, base, total)
+		}
+		traced := traceDuring(b, ps, 3, 6)
 		commits, elapsed := steadyWriter(ctx, b, e, base, total, rate)
+		traced()
 		b.Logf("%d commits in %v: %.0f commits/s (asked %d/s)", total, elapsed, float64(total)/elapsed.Seconds(), rate)
 		done := drained(ctx, b, stream, ps)
+		var refLat []time.Duration
+		if ref != nil {
+			lat, missing := refLatencies(commits, ref.wait(done.Add(2*time.Second)))
+			if missing > 0 {
+				b.Fatalf("reference: pg_recvlogical delivered %d of %d rows", total-missing, total)
+			}
+			refLat = lat
+			sorted := slices.Clone(lat[warm:])
+			slices.Sort(sorted)
+			p50, p99, worst := sorted[len(sorted)/2], sorted[len(sorted)*99/100], sorted[len(sorted)-1]
+			b.Logf("reference (pg_recvlogical, test_decoding, read by this process): commit to row read p50 %s p99 %s max %s (p99/p50 %.2f)",
+				fmtMs(p50), fmtMs(p99), fmtMs(worst), float64(p99)/float64(p50))
+			b.ReportMetric(float64(p50.Microseconds())/1000, "ref-p50-ms")
+			b.ReportMetric(float64(p99.Microseconds())/1000, "ref-p99-ms")
+			b.ReportMetric(float64(p99)/float64(p50), "ref-p99/p50")
+		}
 		lats := map[string][]time.Duration{}
 		for _, dc := range e.DCs {
 			seen := waitSeen(watchers[dc.Name], base, total, done.Add(2*time.Second))
@@ -225,10 +247,20 @@ func BenchmarkCommitToPurge(b *testing.B) {
 			b.ReportMetric(float64(worst.Microseconds())/1000, dc.Name+"-max-ms")
 			b.ReportMetric(float64(p99)/float64(p50), dc.Name+"-p99/p50")
 			b.ReportMetric(float64(untimed), dc.Name+"-untimed")
+			if refLat != nil {
+				// What the pipeline adds to the reference, key by key:
+				// a stall of the host delays both alike and cancels out.
+				over := make([]time.Duration, 0, total-warm)
+				for k := warm; k < total; k++ {
+					over = append(over, lat[k]-refLat[k])
+				}
+				slices.Sort(over)
+				b.Logf("%s: over the reference, key by key: p50 %s p99 %s", dc.Name, fmtMs(over[len(over)/2]), fmtMs(over[len(over)*99/100]))
+			}
 		}
 		b.ReportMetric(float64(total)/elapsed.Seconds(), "commits/s")
 		if f := os.Getenv("BENCH_LAT_DUMP"); f != "" {
-			dumpLatencies(b, f, commits, e.DCs, lats)
+			dumpLatencies(b, f, commits, e.DCs, lats, refLat)
 		}
 		for _, p := range ps {
 			p.stop()
@@ -236,15 +268,19 @@ func BenchmarkCommitToPurge(b *testing.B) {
 	}
 }
 
-// dumpLatencies writes one line per key: its commit time (Unix µs) and its
-// latency in µs in each DC.
-func dumpLatencies(b *testing.B, file string, commits []time.Time, dcs []*testenv.DC, lats map[string][]time.Duration) {
+// dumpLatencies writes one line per key: its commit time (Unix µs), its
+// latency in µs in each DC, and the reference's (when it ran).
+func dumpLatencies(b *testing.B, file string, commits []time.Time, dcs []*testenv.DC, lats map[string][]time.Duration, ref []time.Duration) {
 	var sb strings.Builder
 	for k, at := range commits {
 		sb.WriteString(strconv.FormatInt(at.UnixMicro(), 10))
 		for _, dc := range dcs {
 			sb.WriteByte(' ')
 			sb.WriteString(strconv.FormatInt(lats[dc.Name][k].Microseconds(), 10))
+		}
+		if ref != nil {
+			sb.WriteByte(' ')
+			sb.WriteString(strconv.FormatInt(ref[k].Microseconds(), 10))
 		}
 		sb.WriteByte('\n')
 	}
