@@ -154,7 +154,13 @@ func TestParseWatch(t *testing.T) {
 // and given the time its DC finished (every batch acked), an upper bound,
 // so a dropped line never makes the figures look better.
 // BENCH_LAT_DUMP names a file for every key's commit time and latency per
-// DC, to see when the slow ones happened.
+// DC (and the reference's), to see when the slow ones happened.
+//
+// The same run measures a reference (see refReader; BENCH_LAT_REF=0
+// leaves it out): pg_recvlogical on its own slot, each row read by this
+// process. Its p99/p50 (ref-p99/p50) is what the host's scheduling does
+// to any consumer of these commits; each DC's latency over it, key by
+// key, is what the pipeline adds.
 func BenchmarkCommitToPurge(b *testing.B) {
 	e := env(b)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
