@@ -188,9 +188,8 @@
 //
 // Under "check", the record read of a set not tied to a lease is a round
 // trip before the set's own. It cannot be skipped or sent together with
-// the store. The record and the item are two keys, and
-// memcached has no store conditional on another key. Neither what the
-// proxy saw earlier nor the item itself can stand in for a read of the
+// the store. The record and the item are two keys, and memcached has no
+// store conditional on another key. Neither what the proxy saw earlier nor the item itself can stand in for a read of the
 // record made after the set arrived: a lease's record is written after
 // memcached gave W, so a proxy that found no record may have read it
 // before a lease won earlier had its record written; and a record marked
@@ -199,7 +198,7 @@
 // guarded by the item's CAS, would thus store a fill that the check
 // refuses (I2). The check's cost is that round trip: on one core it costs
 // a set one more turn of the proxy's scheduler (the answer to a request is
-// taken when the run queue empties), 5-6% of memcaslap's 9:1 throughput
+// taken when the run queue empties), 4-7% of memcaslap's 9:1 throughput
 // against "plain" on this project's 2-core host (BENCHMARKS.md).
 //
 // Commands that act on an existing item only (delete, replace, append,
