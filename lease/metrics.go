@@ -21,6 +21,7 @@ type Collector struct {
 
 	srvRequests, srvFailures, srvRejected, srvOpens *prometheus.Desc
 	srvState, srvConns, srvInFlight                 *prometheus.Desc
+	srvTimeouts                                     *prometheus.Desc
 }
 
 type counterDesc struct {
@@ -82,12 +83,15 @@ func NewCollector(namespace string, s *Server, servers func() []mcpool.ServerSta
 		return prometheus.NewDesc(name(n), help, []string{"server"}, nil)
 	}
 	c.srvRequests = srv("server_requests_total", "Requests answered or failed by each memcached server.")
-	c.srvFailures = srv("server_errors_total", "Requests that failed on each server: down, timeout, protocol error.")
+	c.srvFailures = srv("server_errors_total", "Requests that counted against each server's breaker: down, silent timeout, protocol error.")
 	c.srvRejected = srv("server_rejected_total", "Requests failed fast by each server's open breaker.")
 	c.srvOpens = srv("server_breaker_opens_total", "Times each server's breaker opened.")
 	c.srvState = srv("server_breaker_state", "Breaker state of each server: 0 closed, 1 open, 2 half-open.")
 	c.srvConns = srv("server_connections", "Connections up to each server.")
 	c.srvInFlight = srv("server_requests_in_flight", "Requests queued or awaiting a response, per server.")
+	c.srvTimeouts = prometheus.NewDesc(name("server_timeouts_total"),
+		"Requests to each server that timed out, by where they were: queued (never written), late (written in the last half of the timeout), answering (the server kept sending meanwhile), silent (nothing came back: a breaker failure).",
+		[]string{"server", "where"}, nil)
 	return c
 }
 
@@ -101,7 +105,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		}
 	}
 	for _, d := range []*prometheus.Desc{c.conns, c.wait, c.srvRequests, c.srvFailures, c.srvRejected,
-		c.srvOpens, c.srvState, c.srvConns, c.srvInFlight} {
+		c.srvOpens, c.srvState, c.srvConns, c.srvInFlight, c.srvTimeouts} {
 		ch <- d
 	}
 }
@@ -140,5 +144,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.srvState, prometheus.GaugeValue, float64(s.State), label)
 		ch <- prometheus.MustNewConstMetric(c.srvConns, prometheus.GaugeValue, float64(s.Conns), label)
 		ch <- prometheus.MustNewConstMetric(c.srvInFlight, prometheus.GaugeValue, float64(s.InFlight), label)
+		for w := mcpool.TimeoutQueued; w <= mcpool.TimeoutSilent; w++ {
+			ch <- prometheus.MustNewConstMetric(c.srvTimeouts, prometheus.CounterValue, float64(s.TimeoutsOf(w)), label, w.String())
+		}
 	}
 }

@@ -283,7 +283,8 @@ func TestCollector(t *testing.T) {
 	_, _ = s.l.fill(ctx, "k", boundLease{}, false, []byte("v"), 0, 0)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(NewCollector("leaseproxy", s, func() []mcpool.ServerStats {
-		return []mcpool.ServerStats{{Addr: "127.0.0.1:1", State: mcpool.BreakerOpen, Failures: 3}}
+		return []mcpool.ServerStats{{Addr: "127.0.0.1:1", State: mcpool.BreakerOpen, Failures: 3,
+			TimeoutsQueued: 5, TimeoutsLate: 7, TimeoutsAnswering: 11, TimeoutsSilent: 2}}
 	}))
 	mfs, err := reg.Gather()
 	if err != nil {
@@ -292,6 +293,11 @@ func TestCollector(t *testing.T) {
 	got := map[string]float64{}
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "where" && m.GetCounter() != nil {
+					got[mf.GetName()+"/"+l.GetValue()] = m.GetCounter().GetValue()
+				}
+			}
 			switch {
 			case m.GetCounter() != nil:
 				got[mf.GetName()] += m.GetCounter().GetValue()
@@ -301,11 +307,15 @@ func TestCollector(t *testing.T) {
 		}
 	}
 	for name, want := range map[string]float64{
-		"leaseproxy_lease_wins_total":     1,
-		"leaseproxy_lease_fills_total":    1,
-		"leaseproxy_server_errors_total":  3,
-		"leaseproxy_server_breaker_state": 1,
-		"leaseproxy_connections":          0,
+		"leaseproxy_lease_wins_total":                1,
+		"leaseproxy_lease_fills_total":               1,
+		"leaseproxy_server_errors_total":             3,
+		"leaseproxy_server_breaker_state":            1,
+		"leaseproxy_connections":                     0,
+		"leaseproxy_server_timeouts_total/queued":    5,
+		"leaseproxy_server_timeouts_total/late":      7,
+		"leaseproxy_server_timeouts_total/answering": 11,
+		"leaseproxy_server_timeouts_total/silent":    2,
 	} {
 		if v, ok := got[name]; !ok || v != want {
 			t.Errorf("%s: got %v (present %v); want %v", name, v, ok, want)
