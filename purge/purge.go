@@ -355,58 +355,15 @@ func (p *Purger) Handle(ctx context.Context, b *bus.Batch, d Acker) error {
 	}
 	p.wg.Add(1)
 	p.mu.Unlock()
-	// The hot path: the replica was already seen past the commit (on the
-	// batch's timeline), so the keys go to the servers' workers from
-	// this goroutine, not after the batch's own goroutine is scheduled
-	// (a wait for a core on a loaded host, in the key's latency); that
-	// goroutine only waits for them and acks.
-	var st *started
-	if !b.Flush {
-		keys := p.validKeys(b)
-		p.m.Pending.Add(float64(len(keys)))
-		st = &started{keys: keys}
-		if len(keys) > 0 && p.passed(b) {
-			p.m.stHandle.Observe(time.Since(handled).Seconds())
-			p.m.GateWait.Observe(0)
-			st.at = time.Now()
-			st.t = p.submit(keys)
-		}
-	}
 	go func() {
 		defer p.wg.Done()
 		defer p.inflight.Done()
 		defer func() { <-p.batches }()
 		defer p.mem.Release(size)
-		if st == nil || st.t == nil {
-			p.m.stHandle.Observe(time.Since(handled).Seconds())
-		}
-		p.apply(ctx, b, d, st)
+		p.m.stHandle.Observe(time.Since(handled).Seconds())
+		p.apply(ctx, b, d)
 	}()
 	return nil
-}
-
-// started is a batch's keys (validKeys) and, when Handle already queued
-// them, their tracker and when they were queued.
-type started struct {
-	keys []string
-	t    *tracker
-	at   time.Time
-}
-
-// passed reports, without waiting, that the gate lets b's keys go: no
-// gate, or the replica known to follow b's timeline and seen past its
-// commit.
-func (p *Purger) passed(b *bus.Batch) bool {
-	if p.gate == nil {
-		return true
-	}
-	if b.Timeline > 0 {
-		if tk, ok := p.gate.(timelineKnower); !ok || !tk.FollowsTimeline(b.Timeline) {
-			return false
-		}
-	}
-	pg, ok := p.gate.(passer)
-	return ok && pg.Passed(b.CommitLSN, b.EndLSN)
 }
 
 // batchBytes is what a batch counts against MaxBytes (at most max).
@@ -526,14 +483,13 @@ func (t *tracker) finish() {
 	}
 }
 
-// apply finishes a batch that Handle started (st: its keys, queued
-// already when st.t is set; nil for a flush).
-func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker, st *started) {
+func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker) {
 	if b.Flush {
 		p.applyFlush(ctx, b, d)
 		return
 	}
-	keys := st.keys
+	keys := p.validKeys(b)
+	p.m.Pending.Add(float64(len(keys)))
 	defer p.m.Pending.Sub(float64(len(keys)))
 
 	// Tell JetStream the batch is alive while the gate or a slow server
@@ -541,16 +497,15 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker, st *started) 
 	progress := time.NewTicker(p.cfg.Progress)
 	defer progress.Stop()
 
-	// (A batch that Handle queued, st.t set, has passed the gate.)
-	if tg, ok := p.gate.(timelineWaiter); ok && st.t == nil && len(keys) > 0 && b.Timeline > 0 {
+	if tg, ok := p.gate.(timelineWaiter); ok && len(keys) > 0 && b.Timeline > 0 {
 		// Positions are compared on the batch's timeline only.
 		_ = tg.WaitTimeline(ctx, b.Timeline)
 	}
-	if pg, ok := p.gate.(passer); ok && st.t == nil && len(keys) > 0 && pg.Passed(b.CommitLSN, b.EndLSN) {
-		// The replica was seen past the commit meanwhile: no goroutine
-		// waits on the gate.
+	if pg, ok := p.gate.(passer); ok && len(keys) > 0 && pg.Passed(b.CommitLSN, b.EndLSN) {
+		// The hot path: the replica was already seen past the commit,
+		// so no goroutine waits on the gate.
 		p.m.GateWait.Observe(0)
-	} else if p.gate != nil && st.t == nil && len(keys) > 0 {
+	} else if p.gate != nil && len(keys) > 0 {
 		begin := time.Now()
 		err := p.waitGate(ctx, b, d, progress.C)
 		p.m.GateWait.Observe(time.Since(begin).Seconds())
@@ -567,11 +522,8 @@ func (p *Purger) apply(ctx context.Context, b *bus.Batch, d Acker, st *started) 
 	}
 
 	if len(keys) > 0 {
-		begin, t := st.at, st.t
-		if t == nil {
-			begin = time.Now()
-			t = p.submit(keys)
-		}
+		begin := time.Now()
+		t := p.submit(keys)
 	wait:
 		for {
 			select {

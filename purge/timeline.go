@@ -22,16 +22,6 @@ type timelineWaiter interface {
 	WaitTimeline(ctx context.Context, tli uint32) error
 }
 
-// timelineKnower tells without waiting that the replica follows a
-// timeline; Gate is one.
-type timelineKnower interface {
-	FollowsTimeline(tli uint32) bool
-}
-
-// FollowsTimeline reports, without waiting, that the replica was seen on
-// timeline tli or a later one: WaitTimeline would return nil at once.
-func (g *Gate) FollowsTimeline(tli uint32) bool { return tli == 0 || g.tli.Load() >= tli }
-
 // WaitTimeline blocks until the replica follows timeline tli or a later
 // one, up to MaxWait (then ErrTimelineTimeout). A batch published after a
 // promotion (a purge again of what the old primary may have leaked)
