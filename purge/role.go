@@ -165,6 +165,7 @@ func (r *Role) Close() {
 type poolCollector struct {
 	pool                                       *mcpool.Pool
 	state, requests, failures, rejected, conns *prometheus.Desc
+	timeouts                                   *prometheus.Desc // by server and where
 }
 
 func newPoolCollector(dc string, p *mcpool.Pool) *poolCollector {
@@ -174,9 +175,12 @@ func newPoolCollector(dc string, p *mcpool.Pool) *poolCollector {
 		pool:     p,
 		state:    prometheus.NewDesc("invalidator_breaker_state", "Circuit breaker per memcached server: 0 closed, 1 open, 2 half-open.", l, c),
 		requests: prometheus.NewDesc("invalidator_memcached_requests_total", "Requests sent per memcached server.", l, c),
-		failures: prometheus.NewDesc("invalidator_memcached_failures_total", "Failed requests per memcached server.", l, c),
+		failures: prometheus.NewDesc("invalidator_memcached_failures_total", "Requests that counted against each memcached server's breaker: down, silent timeout, protocol error.", l, c),
 		rejected: prometheus.NewDesc("invalidator_memcached_rejected_total", "Requests failed fast by an open breaker.", l, c),
 		conns:    prometheus.NewDesc("invalidator_memcached_connections", "Connections up per memcached server.", l, c),
+		timeouts: prometheus.NewDesc("invalidator_memcached_timeouts_total",
+			"Requests to each memcached server that timed out, by where they were: queued (never written), late (written in the last half of the timeout), answering (the server kept sending meanwhile), silent (nothing came back: a breaker failure).",
+			[]string{"server", "where"}, c),
 	}
 }
 
@@ -186,6 +190,7 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.failures
 	ch <- c.rejected
 	ch <- c.conns
+	ch <- c.timeouts
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
@@ -195,6 +200,9 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.failures, prometheus.CounterValue, float64(s.Failures), s.Addr)
 		ch <- prometheus.MustNewConstMetric(c.rejected, prometheus.CounterValue, float64(s.Rejected), s.Addr)
 		ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(s.Conns), s.Addr)
+		for w := mcpool.TimeoutQueued; w <= mcpool.TimeoutSilent; w++ {
+			ch <- prometheus.MustNewConstMetric(c.timeouts, prometheus.CounterValue, float64(s.TimeoutsOf(w)), s.Addr, w.String())
+		}
 	}
 }
 
