@@ -388,12 +388,9 @@ func (c *conn) store(ctx context.Context, b []byte, cmd *Command, value []byte) 
 	s := c.s
 	key := cmd.Keys[0]
 	var mode byte
-	at := -1 // key's server, when the lease check picked it
 	switch cmd.Op {
 	case OpSet, OpAdd:
-		var res fillResult
-		var err error
-		res, at, err = s.l.fillOn(ctx, key, c.takeBinding(key), cmd.Op == OpAdd, value, cmd.Flags, cmd.Exptime)
+		res, err := s.l.fill(ctx, key, c.takeBinding(key), cmd.Op == OpAdd, value, cmd.Flags, cmd.Exptime)
 		switch {
 		case err != nil:
 			return c.backendError(b, err)
@@ -431,14 +428,7 @@ func (c *conn) store(ctx context.Context, b []byte, cmd *Command, value []byte) 
 		// C0 would be "no compare" to mcpool; no item has CAS 0.
 		return append(b, rExists...)
 	}
-	var resp mcpool.Response
-	var err error
-	if at >= 0 {
-		// The lease check read the record on key's server: no second hash.
-		resp, err = s.be.MetaSetOn(ctx, at, key, value, opt)
-	} else {
-		resp, err = s.be.MetaSet(ctx, key, value, opt)
-	}
+	resp, err := s.be.MetaSet(ctx, key, value, opt)
 	if err != nil {
 		return c.backendError(b, err)
 	}

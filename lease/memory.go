@@ -164,11 +164,6 @@ func (l *leaser) recordFailed(what, key string, err error) {
 // is unreadable, which counts as none: it was written by no proxy).
 func (l *leaser) readRecord(ctx context.Context, key string) (leaseRecord, bool, error) {
 	rk, at := l.record(key)
-	return l.readRecordOn(ctx, rk, at)
-}
-
-// readRecordOn is readRecord of the record rk on server at (see record).
-func (l *leaser) readRecordOn(ctx context.Context, rk string, at int) (leaseRecord, bool, error) {
 	resp, err := l.be.MetaGetOn(ctx, at, rk, "v")
 	if err != nil {
 		return leaseRecord{}, false, err
@@ -247,16 +242,8 @@ type boundLease struct {
 // (record not broken): otherwise it may be a fill that began before an
 // invalidation, and it is refused.
 func (l *leaser) fill(ctx context.Context, key string, bound boundLease, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
-	res, _, err := l.fillOn(ctx, key, bound, add, value, flags, exptime)
-	return res, err
-}
-
-// fillOn is fill, and also returns, with fillPlain, the server of key
-// when the check found it (Backend.Pick), so that the caller's store
-// does not hash the key again; -1 when it did not.
-func (l *leaser) fillOn(ctx context.Context, key string, bound boundLease, add bool, value []byte, flags uint32, exptime int64) (fillResult, int, error) {
 	if !l.enabled() {
-		return fillPlain, -1, nil
+		return fillPlain, nil
 	}
 	if bound.waited {
 		// The client waited for another client's fill, got a miss at the
@@ -269,23 +256,21 @@ func (l *leaser) fillOn(ctx context.Context, key string, bound boundLease, add b
 		// time out its connection and open its breaker.
 		l.st.refused.Add(1)
 		l.st.refusedWaited.Add(1)
-		return fillRefused, -1, nil
+		return fillRefused, nil
 	}
 	local, hadLocal := l.take(key)
 	if bound.cas != 0 {
-		res, err := l.boundFill(ctx, key, bound, add, value, flags, exptime)
-		return res, -1, err
+		return l.boundFill(ctx, key, bound, add, value, flags, exptime)
 	}
 	switch l.cfg.ForeignSet {
 	case ForeignPlain:
-		return fillPlain, -1, nil
+		return fillPlain, nil
 	case ForeignRefuse:
 		if !hadLocal {
 			l.st.refused.Add(1)
-			return fillRefused, -1, nil
+			return fillRefused, nil
 		}
-		res, err := l.chained(ctx, key, local.cas, add, value, flags, exptime)
-		return res, -1, err
+		return l.chained(ctx, key, local.cas, add, value, flags, exptime)
 	}
 	// Checked against the lease record, with the sets of the key that
 	// arrive meanwhile (setgroups.go).

@@ -71,9 +71,8 @@ const maxFreeSets = 8
 
 // groupedFill checks and stores a set (add: an add) of key not tied to a
 // lease, with the sets of key that arrive meanwhile. It returns
-// fillPlain when the caller is to store it as an ordinary write, and then
-// key's server if it was picked (-1: not).
-func (l *leaser) groupedFill(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, int, error) {
+// fillPlain when the caller is to store it as an ordinary write.
+func (l *leaser) groupedFill(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
 	sh := l.shardOf(key)
 	sh.mu.Lock()
 	ks := sh.sets[key]
@@ -91,9 +90,9 @@ func (l *leaser) groupedFill(ctx context.Context, key string, hadLocal bool, loc
 		}
 		sh.sets[key] = ks
 		sh.mu.Unlock()
-		res, at, err := l.checkOne(ctx, key, hadLocal, localCAS, add, value, flags, exptime)
+		res, err := l.checkOne(ctx, key, hadLocal, localCAS, add, value, flags, exptime)
 		l.nextGroup(sh, key, ks)
-		return res, at, err
+		return res, err
 	}
 	me := &setReq{add: add, value: value, flags: flags, exptime: exptime}
 	g := ks.next
@@ -109,13 +108,13 @@ func (l *leaser) groupedFill(ctx context.Context, key string, hadLocal bool, loc
 		l.runGroup(ctx, key, members, hadLocal, localCAS)
 		l.nextGroup(sh, key, ks)
 		close(g.done)
-		return me.res, -1, me.err
+		return me.res, me.err
 	}
 	g.members = append(g.members, me)
 	l.st.groupedSets.Add(1)
 	sh.mu.Unlock()
 	<-g.done
-	return me.res, -1, me.err
+	return me.res, me.err
 }
 
 // nextGroup ends the check of key that ran: the group that formed
@@ -136,33 +135,30 @@ func (l *leaser) nextGroup(sh *shard, key string, ks *keySets) {
 
 // checkOne checks and stores a lone set (add: an add) of key not tied to
 // a lease: it is stored only if the key has no outstanding lease (then
-// fillPlain: the caller stores, on server at, key's), or if it was not
-// invalidated since.
-func (l *leaser) checkOne(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (res fillResult, at int, err error) {
-	rk, at := l.record(key)
-	rec, ok, err := l.readRecordOn(ctx, rk, at)
+// fillPlain: the caller stores), or if it was not invalidated since.
+func (l *leaser) checkOne(ctx context.Context, key string, hadLocal bool, localCAS uint64, add bool, value []byte, flags uint32, exptime int64) (fillResult, error) {
+	rec, ok, err := l.readRecord(ctx, key)
 	if err != nil {
 		// Without the record the set cannot be checked: refusing costs a
 		// miss, storing might store a stale value (I2). The client gets
 		// the error.
 		l.st.checkFailed.Add(1)
 		l.st.refused.Add(1)
-		return fillRefused, -1, fmt.Errorf("read lease record: %w", err)
+		return fillRefused, fmt.Errorf("read lease record: %w", err)
 	}
 	now := l.now().Unix()
 	switch {
 	case ok && rec.brokenUntil > now:
 		l.st.refused.Add(1)
 		l.st.refusedBroken.Add(1)
-		return fillRefused, -1, nil
+		return fillRefused, nil
 	case !ok || !rec.outstanding(now, l.cfg.memorySeconds()):
-		return fillPlain, at, nil
+		return fillPlain, nil
 	}
 	if !hadLocal || localCAS != rec.cas {
 		l.st.foreignFills.Add(1)
 	}
-	res, err = l.chained(ctx, key, rec.cas, add, value, flags, exptime)
-	return res, -1, err
+	return l.chained(ctx, key, rec.cas, add, value, flags, exptime)
 }
 
 // runGroup checks and stores the members of a group (see the file's
